@@ -133,8 +133,9 @@ def merge_moments(a: Moments, b: Moments, /, *, xp: ArrayNamespace | None = None
     The result equals the moments of the concatenated data, up to rounding. Merging is
     commutative and associative, and zero-count safe: merging with an empty :class:`Moments`
     (count 0, mean 0, m2 0) returns the other operand exactly. The mean is anchored on the
-    larger part (:math:`\bar x_b - \delta\,n_a/n` when :math:`n_b > n_a`), which keeps the merge
-    exactly commutative.
+    larger part (:math:`\bar x_b - \delta\,n_a/n` when :math:`n_b > n_a`), and is the midpoint
+    of the two means when the counts tie, so that ``merge_moments(a, b)`` equals
+    ``merge_moments(b, a)`` bit for bit.
 
     Parameters
     ----------
@@ -174,13 +175,15 @@ def merge_moments(a: Moments, b: Moments, /, *, xp: ArrayNamespace | None = None
     total = count_a + count_b
     safe_total = xp.where(total > 0, total, xp.ones_like(total))
     frac_a, frac_b = count_a / safe_total, count_b / safe_total
-    delta = xp.astype(b.mean, dtype) - xp.astype(a.mean, dtype)
+    mean_a, mean_b = xp.astype(a.mean, dtype), xp.astype(b.mean, dtype)
+    delta = mean_b - mean_a
+    # Anchor on the larger part, and take the midpoint on a tie: merge(a, b) == merge(b, a).
     mean = xp.where(
         frac_b > frac_a,
-        xp.astype(b.mean, dtype) - delta * frac_a,
-        xp.astype(a.mean, dtype) + delta * frac_b,
+        mean_b - delta * frac_a,
+        xp.where(frac_a > frac_b, mean_a + delta * frac_b, (mean_a + mean_b) / 2),
     )
-    m2 = xp.astype(a.m2, dtype) + xp.astype(b.m2, dtype) + delta * delta * (count_a * frac_b)
+    m2 = xp.astype(a.m2, dtype) + xp.astype(b.m2, dtype) + delta * delta * (count_a * count_b / safe_total)
     return Moments(a.count + b.count, mean, m2)
 
 
@@ -255,7 +258,7 @@ def pool_moments(
     if not parts:
         msg = "`parts` must hold at least one Moments; got an empty sequence."
         raise ValueError(msg)
-    named = {k: v for i, part in enumerate(parts) for k, v in _named_arrays(f"parts[{i}]", part)}
+    named = {k: v for i, part in enumerate(parts) for k, v in _named_arrays(f"parts[{i}]", part).items()}
     xp = namespace_of(named, xp)
     num_channels = check_moments("parts[0]", parts[0], xp)
     for i, part in enumerate(parts[1:], start=1):
@@ -274,7 +277,7 @@ def pool_moments(
     total = xp.sum(part_counts)
     column = xp.reshape(part_counts, (-1, 1))
     mean = xp.sum(column * means, axis=0) / xp.where(total > 0, total, xp.ones_like(total))
-    deviations = means - mean
+    deviations = means - xp.reshape(mean, (1, -1))
     between = xp.sum(column * deviations * deviations, axis=0)
     return Moments(total_count, mean, xp.sum(part_m2s, axis=0) + between)
 

@@ -1,0 +1,82 @@
+"""Shared fixtures: one ``backend`` fixture over every array library, Hypothesis profiles, and
+the rule that a framework's own nox session fails, rather than skips, when its tests did not run.
+
+``HBN_REQUIRE`` (comma-separated markers, set by the nox sessions) names what must have run:
+a framework in it that fails to import fails the test instead of skipping it, and each marker
+in it needs at least one passed test, or the session fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections import Counter
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from tests.backends import BACKEND_PARAMS, make_backend
+
+REQUIRED = frozenset(filter(None, os.environ.get("HBN_REQUIRE", "").split(",")))
+_passed_per_marker: Counter[str] = Counter()
+
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.register_profile(
+    "dev",
+    max_examples=200,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+if importlib.util.find_spec("jax") is not None:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def import_framework(module: str, marker: str) -> Any:
+    """Import ``module``; skip the test if it is missing, unless ``marker`` is required."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        if marker in REQUIRED:
+            pytest.fail(f"{module} is required in this session (HBN_REQUIRE) but failed: {error}")
+        pytest.skip(f"{module} is not installed")
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def backend(request: pytest.FixtureRequest) -> Any:
+    """An array library: how to make its arrays, read them back, and call the core on them."""
+    name, module, marker = request.param
+    if module is not None:
+        import_framework(module, marker)
+    return make_backend(name)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.passed:
+        _passed_per_marker.update(m for m in REQUIRED if m in report.keywords)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    missing = sorted(m for m in REQUIRED if _passed_per_marker[m] == 0)
+    if missing and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"HBN_REQUIRE: no test marked {', '.join(missing)} passed in this session",
+                red=True,
+            )
