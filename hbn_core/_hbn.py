@@ -331,10 +331,15 @@ def _check_layer_inputs(
 
 
 def _sigmoid_pair(alpha: Array, *, xp: ArrayNamespace) -> tuple[Array, Array]:
-    """Return ``(sigmoid(alpha), sigmoid(-alpha))`` without overflow, exact at ``±inf``."""
-    decay = xp.exp(-xp.abs(alpha))
-    small, large = decay / (1 + decay), 1 / (1 + decay)
+    """Return ``(sigmoid(alpha), sigmoid(-alpha))`` without overflow, exact at ``±inf``.
+
+    ``exp(-|alpha|)`` never overflows. It is written with ``where`` rather than ``abs`` so that
+    autodiff through this function is right at ``alpha = 0`` too (the derivative of ``abs`` at 0
+    is 0 in every framework).
+    """
     positive = alpha >= 0
+    decay = xp.exp(xp.where(positive, -alpha, alpha))
+    small, large = decay / (1 + decay), 1 / (1 + decay)
     return xp.where(positive, large, small), xp.where(positive, small, large)
 
 
