@@ -6,13 +6,14 @@ import functools
 import math
 import numbers
 import operator
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from hbn_core._namespace import concrete, namespace_of
 from hbn_core._validation import check_floating, check_ndim, normalize_channel_axis
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from hbn_core._typing import Array, ArrayNamespace
 
 __all__ = ["Moments", "merge_moments", "moments", "pool_moments", "variance"]
@@ -183,7 +184,11 @@ def merge_moments(a: Moments, b: Moments, /, *, xp: ArrayNamespace | None = None
         mean_b - delta * frac_a,
         xp.where(frac_a > frac_b, mean_a + delta * frac_b, (mean_a + mean_b) / 2),
     )
-    m2 = xp.astype(a.m2, dtype) + xp.astype(b.m2, dtype) + delta * delta * (count_a * count_b / safe_total)
+    m2 = (
+        xp.astype(a.m2, dtype)
+        + xp.astype(b.m2, dtype)
+        + delta * delta * (count_a * count_b / safe_total)
+    )
     return Moments(a.count + b.count, mean, m2)
 
 
@@ -258,7 +263,9 @@ def pool_moments(
     if not parts:
         msg = "`parts` must hold at least one Moments; got an empty sequence."
         raise ValueError(msg)
-    named = {k: v for i, part in enumerate(parts) for k, v in _named_arrays(f"parts[{i}]", part).items()}
+    named = {
+        k: v for i, part in enumerate(parts) for k, v in _named_arrays(f"parts[{i}]", part).items()
+    }
     xp = namespace_of(named, xp)
     num_channels = check_moments("parts[0]", parts[0], xp)
     for i, part in enumerate(parts[1:], start=1):
@@ -285,7 +292,7 @@ def pool_moments(
 def _reweight(
     counts: Array, m2s: Array, weights: Sequence[float] | Array, *, xp: ArrayNamespace
 ) -> tuple[Array, Array]:
-    """Effective counts :math:`N\\pi_k` and the m2 of each part rescaled to them."""
+    r"""Effective counts :math:`N\pi_k` and the m2 of each part rescaled to them."""
     w = xp.asarray(weights, dtype=counts.dtype)
     if tuple(w.shape) != tuple(counts.shape):
         msg = (
@@ -346,7 +353,9 @@ def variance(m: Moments, /, *, correction: float = 0, xp: ArrayNamespace | None 
         msg = f"`correction` must be a real number; got {type(correction).__name__} {correction!r}."
         raise TypeError(msg)
     if not (math.isfinite(correction) and correction >= 0):
-        msg = f"`correction` must be finite and >= 0 (0: population, 1: Bessel); got {correction!r}."
+        msg = (
+            f"`correction` must be finite and >= 0 (0: population, 1: Bessel); got {correction!r}."
+        )
         raise ValueError(msg)
     dof = xp.astype(m.count, m.m2.dtype) - correction
     positive = dof > 0

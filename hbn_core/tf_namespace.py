@@ -28,7 +28,6 @@ import numpy as np
 import tensorflow as tf
 
 __all__ = [
-    "abs",
     "all",
     "any",
     "asarray",
@@ -50,7 +49,6 @@ __all__ = [
 float32 = tf.float32
 float64 = tf.float64
 
-abs = tf.math.abs  # noqa: A001 - the Array API name
 exp = tf.math.exp
 sqrt = tf.math.sqrt
 isfinite = tf.math.is_finite
@@ -80,7 +78,7 @@ def isdtype(
         "real floating": dtype.is_floating,
         "numeric": dtype.is_integer or dtype.is_floating or dtype.is_complex,
     }
-    return kinds[kind]
+    return bool(kinds[kind])
 
 
 def result_type(*arrays_and_dtypes: tf.Tensor | tf.DType) -> tf.DType:
@@ -103,19 +101,21 @@ def stack(arrays: list[tf.Tensor] | tuple[tf.Tensor, ...], /, *, axis: int = 0) 
     return tf.stack(list(arrays), axis=axis)
 
 
-def sum(  # noqa: A001 - the Array API name
+def sum(
     x: tf.Tensor, /, *, axis: int | tuple[int, ...] | None = None, keepdims: bool = False
 ) -> tf.Tensor:
     """Sum over ``axis`` (all axes when None)."""
-    return tf.math.reduce_sum(x, axis=None if axis is None else list(_tuple(axis)), keepdims=keepdims)
+    return tf.math.reduce_sum(
+        x, axis=None if axis is None else list(_tuple(axis)), keepdims=keepdims
+    )
 
 
-def any(x: tf.Tensor, /) -> tf.Tensor:  # noqa: A001 - the Array API name
+def any(x: tf.Tensor, /) -> tf.Tensor:
     """Whether any element is true (nonzero)."""
     return tf.math.reduce_any(tf.cast(x, tf.bool))
 
 
-def all(x: tf.Tensor, /) -> tf.Tensor:  # noqa: A001 - the Array API name
+def all(x: tf.Tensor, /) -> tf.Tensor:
     """Whether every element is true (nonzero)."""
     return tf.math.reduce_all(tf.cast(x, tf.bool))
 

@@ -52,7 +52,11 @@ def _freeze(value: Any) -> Any:
         value = value.view()
         value.flags.writeable = False
     elif isinstance(value, tuple):
-        return type(value)(*map(_freeze, value)) if hasattr(value, "_fields") else tuple(map(_freeze, value))
+        return (
+            type(value)(*map(_freeze, value))
+            if hasattr(value, "_fields")
+            else tuple(map(_freeze, value))
+        )
     return value
 
 
@@ -95,7 +99,9 @@ class Backend:
             import torch
 
             leaves = [a.detach().requires_grad_(True) for a in args]
-            return torch.autograd.grad(fn(*leaves), leaves, grad_outputs=cotangent, allow_unused=True)
+            return torch.autograd.grad(
+                fn(*leaves), leaves, grad_outputs=cotangent, allow_unused=True
+            )
         if self.name == "jax":
             import jax
 
@@ -143,7 +149,12 @@ def make_backend(name: str) -> Backend:
 
 
 def assert_close(
-    backend: Backend, actual: Any, expected: np.ndarray, *, rtol: float, atol: float = 0.0,
+    backend: Backend,
+    actual: Any,
+    expected: np.ndarray,
+    *,
+    rtol: float,
+    atol: float = 0.0,
     dtype: str | None = None,
 ) -> None:
     """Check library, shape and dtype of ``actual``, then its values against ``expected``."""

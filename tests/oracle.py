@@ -21,7 +21,7 @@ def _layout(x: np.ndarray, channel_axis: int) -> tuple[tuple[int, ...], list[int
 def hbn_forward(
     x, scale, offset, alpha, global_mean, global_var, *, channel_axis: int, eps: float
 ) -> np.ndarray:
-    """y = scale * (x - mu) / sqrt(var + eps) + offset with hybrid mu and var (float64)."""
+    """Y = scale * (x - mu) / sqrt(var + eps) + offset with hybrid mu and var (float64)."""
     axes, shape = _layout(x, channel_axis)
     x = np.asarray(x, np.float64)
     w = sigmoid(np.asarray(alpha, np.float64))
@@ -32,7 +32,7 @@ def hbn_forward(
 
 
 def inference(x, scale, offset, global_mean, global_var, *, channel_axis: int, eps: float):
-    """y = scale * (x - global_mean) / sqrt(global_var + eps) + offset (float64)."""
+    """Y = scale * (x - global_mean) / sqrt(global_var + eps) + offset (float64)."""
     _, shape = _layout(x, channel_axis)
     normalized = (np.asarray(x, np.float64) - np.reshape(global_mean, shape)) / np.sqrt(
         np.reshape(global_var, shape) + eps

@@ -35,7 +35,9 @@ def shapes_and_axis(draw: st.DrawFn, *, max_channels: int = 5) -> tuple[tuple[in
 
 
 @st.composite
-def layer_inputs(draw: st.DrawFn, *, eps_values: tuple[float, ...] = (0.0, 1e-5, 1e-3, 0.1)) -> LayerInputs:
+def layer_inputs(
+    draw: st.DrawFn, *, eps_values: tuple[float, ...] = (0.0, 1e-5, 1e-3, 0.1)
+) -> LayerInputs:
     """Inputs of one HBN call; global_var + eps stays positive."""
     shape, channel_axis = draw(shapes_and_axis())
     channels = shape[channel_axis]
@@ -56,7 +58,9 @@ def layer_inputs(draw: st.DrawFn, *, eps_values: tuple[float, ...] = (0.0, 1e-5,
 
 
 @st.composite
-def chunks(draw: st.DrawFn, *, min_size: int = 2, max_size: int = 5, offset: float = 0.0) -> list[np.ndarray]:
+def chunks(
+    draw: st.DrawFn, *, min_size: int = 2, max_size: int = 5, offset: float = 0.0
+) -> list[np.ndarray]:
     """Arrays ``(n_i, C)`` of one channel count, some possibly empty, shifted by ``offset``."""
     channels = draw(st.integers(1, 4))
     sizes = draw(st.lists(st.integers(0, 7), min_size=min_size, max_size=max_size))

@@ -1,5 +1,7 @@
-"""hbn_forward, hbn_backward and hbn_inference against float64 NumPy oracles, finite differences
-and each library's own autodiff, on every array library."""
+"""hbn_forward, hbn_backward and hbn_inference on every array library.
+
+The references are float64 NumPy oracles, finite differences and each library's own autodiff.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +53,9 @@ def test_float32_forward_is_close_to_float64_oracle(backend, inputs):
     y, _ = forward(backend, inputs, dtype="float32")
     expected = oracle_forward(inputs, x=x32)
     # float32 rounding relative to the normalised scale |y| ~ |scale| * |x - mu| / std.
-    assert_close(backend, y, expected, rtol=1e-4, atol=1e-4 * (1 + np.abs(expected).max()), dtype="float32")
+    assert_close(
+        backend, y, expected, rtol=1e-4, atol=1e-4 * (1 + np.abs(expected).max()), dtype="float32"
+    )
 
 
 @given(inputs=layer_inputs(eps_values=(1e-3, 0.1)), data=st.data())
@@ -62,14 +66,18 @@ def test_backward_equals_finite_differences(backend, inputs, data):
     gradients = hbn_backward(backend.asarray(dy), residuals, **backend.kwargs)
     for name, gradient in zip(PARAMETERS, gradients, strict=False):
         point = getattr(inputs, name)
-        direction = data.draw(hnp.arrays(np.float64, point.shape, elements=floats(-1, 1)), label=name)
+        direction = data.draw(
+            hnp.arrays(np.float64, point.shape, elements=floats(-1, 1)), label=name
+        )
 
         def loss(value, name=name):
             return np.sum(dy * oracle_forward(inputs, **{name: value}))
 
         expected = oracle.directional_derivative(loss, point, direction)
         actual = float(np.sum(backend.to_numpy(gradient) * direction))
-        scale = np.sum(np.abs(dy)) * (1 + np.abs(point).max()) * max(1.0, np.abs(inputs.scale).max())
+        scale = (
+            np.sum(np.abs(dy)) * (1 + np.abs(point).max()) * max(1.0, np.abs(inputs.scale).max())
+        )
         np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7 * scale, err_msg=name)
 
 
@@ -81,20 +89,36 @@ def test_backward_equals_the_library_autodiff_of_the_forward(backend, inputs, da
 
     def output(x, scale, offset, alpha, global_mean, global_var):
         y, _ = hbn_forward(
-            x, scale, offset, alpha, global_mean, global_var, channel_axis=inputs.channel_axis, eps=inputs.eps
+            x,
+            scale,
+            offset,
+            alpha,
+            global_mean,
+            global_var,
+            channel_axis=inputs.channel_axis,
+            eps=inputs.eps,
         )
         return y
 
     autodiff = backend.vjp(output, arrays(backend, inputs), backend.asarray(dy))
-    for name, a, b in zip(PARAMETERS, analytic, autodiff, strict=False):
+    for a, b in zip(analytic, autodiff[:4], strict=True):
         expected = backend.to_numpy(b)
-        assert_close(backend, a, expected, rtol=1e-9, atol=1e-9 * (1 + np.abs(expected).max()), dtype="float64")
+        assert_close(
+            backend,
+            a,
+            expected,
+            rtol=1e-9,
+            atol=1e-9 * (1 + np.abs(expected).max()),
+            dtype="float64",
+        )
 
 
 @given(inputs=layer_inputs(eps_values=(1e-5, 1e-3, 0.1)))  # a constant channel has variance 0
 def test_alpha_minus_infinity_is_batch_norm(backend, inputs):
     y, _ = forward(backend, inputs._replace(alpha=np.full_like(inputs.alpha, -np.inf)))
-    expected = oracle.batch_norm(inputs.x, inputs.scale, inputs.offset, channel_axis=inputs.channel_axis, eps=inputs.eps)
+    expected = oracle.batch_norm(
+        inputs.x, inputs.scale, inputs.offset, channel_axis=inputs.channel_axis, eps=inputs.eps
+    )
     assert_close(backend, y, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -113,8 +137,13 @@ def test_large_alpha_approaches_its_limit(backend, inputs, sign):
 
 def oracle_inference(inputs: LayerInputs) -> np.ndarray:
     return oracle.inference(
-        inputs.x, inputs.scale, inputs.offset, inputs.global_mean, inputs.global_var,
-        channel_axis=inputs.channel_axis, eps=inputs.eps,
+        inputs.x,
+        inputs.scale,
+        inputs.offset,
+        inputs.global_mean,
+        inputs.global_var,
+        channel_axis=inputs.channel_axis,
+        eps=inputs.eps,
     )
 
 
@@ -123,7 +152,9 @@ def test_inference_equals_oracle(backend, inputs):
     names = ("x", "scale", "offset", "global_mean", "global_var")
     y = hbn_inference(
         *(backend.asarray(getattr(inputs, n)) for n in names),
-        channel_axis=inputs.channel_axis, eps=inputs.eps, **backend.kwargs,
+        channel_axis=inputs.channel_axis,
+        eps=inputs.eps,
+        **backend.kwargs,
     )
     assert_close(backend, y, oracle_inference(inputs), rtol=1e-10, atol=1e-10, dtype="float64")
 
@@ -135,7 +166,17 @@ def test_batch_norm_limit_output_has_zero_mean_and_unit_variance(backend, inputs
     x = backend.asarray(inputs.x + np.linspace(0, 1, inputs.x.size).reshape(inputs.x.shape))
     one, zero = backend.asarray(np.ones(channels)), backend.asarray(np.zeros(channels))
     minus_inf = backend.asarray(np.full(channels, -np.inf))
-    y, _ = hbn_forward(x, one, zero, minus_inf, zero, one, channel_axis=inputs.channel_axis, eps=0.0, **backend.kwargs)
+    y, _ = hbn_forward(
+        x,
+        one,
+        zero,
+        minus_inf,
+        zero,
+        one,
+        channel_axis=inputs.channel_axis,
+        eps=0.0,
+        **backend.kwargs,
+    )
     stats = moments(y, channel_axis=inputs.channel_axis, **backend.kwargs)
     assert_close(backend, stats.mean, np.zeros(channels), rtol=0, atol=1e-9)
     assert_close(backend, variance(stats, **backend.kwargs), np.ones(channels), rtol=1e-9)
@@ -149,7 +190,9 @@ def test_channels_last_equals_channels_first(backend, inputs, data):
     last = inputs._replace(x=np.moveaxis(inputs.x, inputs.channel_axis, -1), channel_axis=-1)
     y_first, res_first = forward(backend, first)
     y_last, res_last = forward(backend, last)
-    assert_close(backend, y_last, np.moveaxis(backend.to_numpy(y_first), 1, -1), rtol=1e-12, atol=1e-12)
+    assert_close(
+        backend, y_last, np.moveaxis(backend.to_numpy(y_first), 1, -1), rtol=1e-12, atol=1e-12
+    )
     dy_first = backend.asarray(np.moveaxis(dy, inputs.channel_axis, 1))
     dy_last = backend.asarray(np.moveaxis(dy, inputs.channel_axis, -1))
     grads_first = hbn_backward(dy_first, res_first, **backend.kwargs)

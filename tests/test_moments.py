@@ -19,7 +19,9 @@ def moments_of(backend, data: np.ndarray, channel_axis: int = 1) -> Moments:
     return moments(backend.asarray(data), channel_axis=channel_axis, **backend.kwargs)
 
 
-def assert_moments_close(backend, actual: Moments, data: np.ndarray, *, rtol: float, atol: float = 0.0):
+def assert_moments_close(
+    backend, actual: Moments, data: np.ndarray, *, rtol: float, atol: float = 0.0
+):
     """``actual`` holds the moments of the (n, C) float64 array ``data``."""
     assert int(backend.to_numpy(actual.count)) == data.shape[0]
     mean = data.mean(axis=0) if data.shape[0] else np.zeros(data.shape[1])
@@ -72,8 +74,10 @@ def test_merging_an_empty_set_returns_the_other_exactly(backend, parts, empty_fi
     (data,) = parts
     full = moments_of(backend, data)
     empty = moments_of(backend, data[:0])
-    merged = merge_moments(empty, full, **backend.kwargs) if empty_first else merge_moments(
-        full, empty, **backend.kwargs
+    merged = (
+        merge_moments(empty, full, **backend.kwargs)
+        if empty_first
+        else merge_moments(full, empty, **backend.kwargs)
     )
     assert int(backend.to_numpy(merged.count)) == data.shape[0]
     assert_close(backend, merged.mean, backend.to_numpy(full.mean), rtol=0)
@@ -97,7 +101,9 @@ def test_weighted_pool_describes_the_weighted_mixture(backend, parts, data):
     sizes = np.array([p.shape[0] for p in parts])
     effective = np.where(sizes > 0, weights, 0.0)
     assume(effective.sum() > 0)  # zero total weight is an error, tested in test_errors.py
-    pooled = pool_moments([moments_of(backend, p) for p in parts], weights=weights, **backend.kwargs)
+    pooled = pool_moments(
+        [moments_of(backend, p) for p in parts], weights=weights, **backend.kwargs
+    )
     concatenated = np.concatenate(parts)
     element_weights = np.repeat(effective / np.maximum(sizes, 1), sizes)
     mean = np.average(concatenated, axis=0, weights=element_weights)
@@ -121,11 +127,15 @@ def test_weights_equal_to_counts_give_exact_pooling(backend, parts):
 @given(parts=chunks(min_size=1, max_size=1), correction=st.sampled_from([0, 1, 0.5]))
 def test_variance_applies_the_stated_correction(backend, parts, correction):
     (data,) = parts
-    result = backend.to_numpy(variance(moments_of(backend, data), correction=correction, **backend.kwargs))
+    result = backend.to_numpy(
+        variance(moments_of(backend, data), correction=correction, **backend.kwargs)
+    )
     if data.shape[0] - correction <= 0:
         assert np.isnan(result).all()
     else:
-        np.testing.assert_allclose(result, np.var(data, axis=0, ddof=correction), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(
+            result, np.var(data, axis=0, ddof=correction), rtol=1e-10, atol=1e-10
+        )
 
 
 def test_pooling_is_exact_at_a_large_common_offset(backend):
@@ -143,10 +153,19 @@ def test_float32_chunks_at_offset_1e4_pool_to_1e3(backend):
     pieces = [moments(backend.asarray(p), **backend.kwargs) for p in parts]
     pooled = pool_moments(pieces, **backend.kwargs)
     expected = np.var(np.concatenate(parts).astype(np.float64), axis=0, ddof=1)
-    assert_close(backend, variance(pooled, correction=1, **backend.kwargs), expected, rtol=1e-3, dtype="float32")
+    assert_close(
+        backend,
+        variance(pooled, correction=1, **backend.kwargs),
+        expected,
+        rtol=1e-3,
+        dtype="float32",
+    )
 
 
-@pytest.mark.parametrize(("dtype", "accumulator"), [("float16", "float32"), ("float32", "float32"), ("float64", "float64")])
+@pytest.mark.parametrize(
+    ("dtype", "accumulator"),
+    [("float16", "float32"), ("float32", "float32"), ("float64", "float64")],
+)
 def test_moments_accumulate_in_float32_or_wider(backend, dtype, accumulator):
     if dtype == "float16" and backend.name == "array_api_strict":
         pytest.skip("array-api-strict has no float16")

@@ -1,5 +1,7 @@
-"""Shared fixtures: one ``backend`` fixture over every array library, Hypothesis profiles, and
-the rule that a framework's own nox session fails, rather than skips, when its tests did not run.
+"""Shared test set-up: one ``backend`` fixture over every array library, and session rules.
+
+It also registers the Hypothesis profiles, sets JAX's strict settings, and enforces the rule that
+a framework's own nox session fails, rather than skips, when its tests did not run.
 
 ``HBN_REQUIRE`` (comma-separated markers, set by the nox sessions) names what must have run:
 a framework in it that fails to import fails the test instead of skipping it, and each marker
@@ -56,21 +58,40 @@ def import_framework(module: str, marker: str) -> Any:
         pytest.skip(f"{module} is not installed")
 
 
+@pytest.fixture
+def backend_from_param() -> Any:
+    """Turn a ``(name, module, marker)`` parameter into a Backend, importing its library."""
+
+    def build(param: tuple[str, str | None, str]) -> Any:
+        name, module, marker = param
+        if module is not None:
+            import_framework(module, marker)
+        return make_backend(name)
+
+    return build
+
+
 @pytest.fixture(params=BACKEND_PARAMS)
-def backend(request: pytest.FixtureRequest) -> Any:
+def backend(request: pytest.FixtureRequest, backend_from_param: Any) -> Any:
     """An array library: how to make its arrays, read them back, and call the core on them."""
-    name, module, marker = request.param
-    if module is not None:
-        import_framework(module, marker)
-    return make_backend(name)
+    return backend_from_param(request.param)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Doctests of the TensorFlow namespace need TensorFlow: mark them for tests-tf."""
+    for item in items:
+        if isinstance(item, pytest.DoctestItem) and item.path.name == "tf_namespace.py":
+            item.add_marker(pytest.mark.tf)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count the passed tests of each required marker."""
     if report.when == "call" and report.passed:
         _passed_per_marker.update(m for m in REQUIRED if m in report.keywords)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session when a required marker has no passed test."""
     missing = sorted(m for m in REQUIRED if _passed_per_marker[m] == 0)
     if missing and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,94 @@
+"""nox sessions: ``nox -s tests-core tests-torch tests-jax tests-tf tests-cross lint`` is CI.
+
+Each framework's session installs only that framework with the test dependencies, and fails,
+rather than skips, if that framework's tests did not run (``HBN_REQUIRE``, see
+``tests/conftest.py``). ``bench`` runs the benchmarks and writes ``docs/benchmarks.md``; CI does
+not run it. Set ``HYPOTHESIS_PROFILE=dev`` for longer property searches than CI's profile.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests-core", "lint"]
+nox.options.error_on_external_run = True
+
+# Always pinned: this version is the machine's local CPU wheel; an unpinned torch pulls CUDA.
+TORCH = "torch==2.13.0"
+FRAMEWORK_MARKERS = "torch or jax or tf or cross"
+DOCTESTS = ("--doctest-modules", "--doctest-glob=*.md")
+
+
+def run_pytest(session: nox.Session, *args: str, require: str) -> None:
+    """Run pytest; ``require`` lists the markers that must pass at least one test."""
+    session.run("pytest", *args, *session.posargs, env={"HBN_REQUIRE": require})
+
+
+@nox.session(name="tests-core")
+def tests_core(session: nox.Session) -> None:
+    """NumPy and array-api-strict only: the core, its errors, docs and README examples."""
+    session.install("-e", ".[test]")
+    run_pytest(
+        session,
+        "-m",
+        f"not ({FRAMEWORK_MARKERS})",
+        *DOCTESTS,
+        "--ignore=hbn_core/tf_namespace.py",
+        "tests",
+        "hbn_core",
+        "docs",
+        "README.md",
+        require="",
+    )
+
+
+@nox.session(name="tests-torch")
+def tests_torch(session: nox.Session) -> None:
+    """The core on PyTorch tensors (and, later, the torch adapter)."""
+    session.install(TORCH, "-e", ".[torch,test]")
+    run_pytest(session, "-m", "torch and not cross", "tests", require="torch")
+
+
+@nox.session(name="tests-jax")
+def tests_jax(session: nox.Session) -> None:
+    """The core on JAX arrays (and, later, the Flax adapter)."""
+    session.install("-e", ".[jax,test]")
+    run_pytest(session, "-m", "jax and not cross", "tests", require="jax")
+
+
+@nox.session(name="tests-tf")
+def tests_tf(session: nox.Session) -> None:
+    """The core on TensorFlow tensors through hbn_core.tf_namespace (and, later, Keras)."""
+    session.install("-e", ".[tf,test]")
+    run_pytest(
+        session,
+        "-m",
+        "tf and not cross",
+        *DOCTESTS,
+        "tests",
+        "hbn_core/tf_namespace.py",
+        require="tf",
+    )
+
+
+@nox.session(name="tests-cross")
+def tests_cross(session: nox.Session) -> None:
+    """Every framework in one environment: agreement tests across frameworks."""
+    session.install(TORCH, "-e", ".[all,test]")
+    run_pytest(session, "-m", "cross", "tests", require="cross,torch,jax,tf")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Ruff (lint and format) on the repository, mypy --strict on hbn_core."""
+    session.install("-e", ".[dev]")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks (not run by CI); figures go to docs/benchmarks.md."""
+    session.install(TORCH, "-e", ".[all]")
+    session.run("python", "benchmarks/run.py", "--output", "docs/benchmarks.md", *session.posargs)
