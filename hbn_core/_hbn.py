@@ -13,10 +13,9 @@ The derivation of the backward is in ``docs/math.md``.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, NamedTuple
 
-from hbn_core._moments import broadcast_shape, channel_moments
+from hbn_core._moments import broadcast_shape, channel_moments, element_count
 from hbn_core._namespace import namespace_of
 from hbn_core._validation import (
     check_eps,
@@ -150,7 +149,7 @@ def hbn_forward(
     xp = namespace_of(arrays, xp)
     axis, compute = _check_layer_inputs(arrays, channel_axis, xp=xp)
     eps = check_eps(eps)
-    if math.prod(x.shape) == 0:
+    if 0 in x.shape:
         msg = f"`x` must have at least one element per channel; got shape {tuple(x.shape)}."
         raise ValueError(msg)
 
@@ -256,7 +255,7 @@ def hbn_backward(
         raise ValueError(msg)
 
     axes = tuple(i for i, size in enumerate(inv_std.shape) if size == 1)
-    count = math.prod(x_hat.shape[i] for i in axes)
+    count = element_count(x_hat, axes, xp=xp)
     g = xp.astype(dy, x_hat.dtype, copy=False)
     doffset = xp.sum(g, axis=axes, keepdims=True)
     dscale = xp.sum(g * x_hat, axis=axes, keepdims=True)

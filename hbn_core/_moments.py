@@ -96,24 +96,41 @@ def moments(x: Array, /, *, channel_axis: int = 1, xp: ArrayNamespace | None = N
     axis = normalize_channel_axis(channel_axis, x.ndim)
     accumulate = xp.astype(x, xp.result_type(x.dtype, xp.float32), copy=False)
     count, mean, m2 = channel_moments(accumulate, axis, xp=xp)
-    return Moments(xp.asarray(count), mean, m2)
+    if isinstance(count, int):
+        return Moments(xp.asarray(count), mean, m2)
+    return Moments(xp.astype(count, xp.int64), mean, m2)
 
 
-def channel_moments(x: Array, channel_axis: int, *, xp: ArrayNamespace) -> tuple[int, Array, Array]:
+def channel_moments(
+    x: Array, channel_axis: int, *, xp: ArrayNamespace
+) -> tuple[int | Array, Array, Array]:
     """Return the element count, mean and m2 of each channel of ``x``, in ``x``'s dtype.
 
-    See :func:`moments`; ``channel_axis`` must be non-negative here.
+    See :func:`moments` and :func:`element_count`; ``channel_axis`` must be non-negative here.
     """
-    axes = reduction_axes(x.ndim, channel_axis)
-    count = math.prod(x.shape[i] for i in axes)
-    mean = xp.sum(x, axis=axes) / max(count, 1)
+    axes = tuple(i for i in range(x.ndim) if i != channel_axis)
+    count = element_count(x, axes, xp=xp)
+    if isinstance(count, int):
+        mean = xp.sum(x, axis=axes) / max(count, 1)
+    else:
+        mean = xp.sum(x, axis=axes) / xp.where(count > 0, count, xp.ones_like(count))
     centered = x - xp.reshape(mean, broadcast_shape(x.ndim, channel_axis, -1))
     return count, mean, xp.sum(centered * centered, axis=axes)
 
 
-def reduction_axes(ndim: int, channel_axis: int) -> tuple[int, ...]:
-    """Every axis of a rank-``ndim`` array but the (non-negative) ``channel_axis``."""
-    return tuple(i for i in range(ndim) if i != channel_axis)
+def element_count(x: Array, axes: tuple[int, ...], *, xp: ArrayNamespace) -> int | Array:
+    """The number of elements of ``x`` along ``axes``, per index of the other axes.
+
+    A Python int when those dimensions are static, as they always are in NumPy, PyTorch and JAX.
+    TensorFlow leaves a dimension unknown (``None``) inside a ``tf.function`` traced with relaxed
+    shapes (Keras' ``model.fit`` retraces so for a last, smaller batch): then the count is a
+    0-d array of ``x``'s dtype, computed from the data.
+    """
+    sizes = [x.shape[i] for i in axes]
+    if all(size is not None for size in sizes):
+        return math.prod(sizes)
+    other_sizes = math.prod(x.shape[i] for i in range(x.ndim) if i not in axes)
+    return xp.sum(xp.ones_like(x)) / other_sizes
 
 
 def broadcast_shape(ndim: int, channel_axis: int, num_channels: int) -> tuple[int, ...]:

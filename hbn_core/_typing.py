@@ -27,6 +27,7 @@ class ArrayNamespace(Protocol):
 
     float32: DType
     float64: DType
+    int64: DType
 
     def asarray(self, obj: Any, /, *, dtype: DType | None = None) -> Array: ...
     def astype(self, x: Array, dtype: DType, /, *, copy: bool = True) -> Array: ...

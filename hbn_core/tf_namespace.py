@@ -35,6 +35,7 @@ __all__ = [
     "exp",
     "float32",
     "float64",
+    "int64",
     "isdtype",
     "isfinite",
     "ones_like",
@@ -48,6 +49,7 @@ __all__ = [
 
 float32 = tf.float32
 float64 = tf.float64
+int64 = tf.int64
 
 exp = tf.math.exp
 sqrt = tf.math.sqrt

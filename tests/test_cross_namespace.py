@@ -36,8 +36,10 @@ def test_forward_backward_and_inference_equal_numpy(framework, inputs, data):
         gradients = hbn_backward(backend.asarray(dy), residuals)
         inferred = hbn_inference(args[0], *args[1:3], *args[4:6], **options)
         results[backend.name] = [backend.to_numpy(a) for a in (y, *gradients, inferred)]
+    # Libraries sum in different orders; the backward's cancellations lift those ulps to ~1e-12
+    # relative. 1e-10 is the float64 agreement target across frameworks.
     for expected, actual in zip(results["numpy"], results[framework.name], strict=True):
-        np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-10)
 
 
 @given(parts=chunks(min_size=1, max_size=4))

@@ -214,8 +214,10 @@ def test_forward_and_backward_trace_under_the_library_compiler(backend, inputs):
 
     eager = step(*values)
     compiled = backend.compile(step)(*values)
+    # XLA rewrites divisions as reciprocal multiplies and fuses sums: a few ulps apart, which the
+    # backward's cancellations lift to ~1e-12 relative. The cross-framework target is 1e-10.
     for a, b in zip(compiled, eager, strict=True):
-        assert_close(backend, a, backend.to_numpy(b), rtol=1e-12, atol=1e-12)
+        assert_close(backend, a, backend.to_numpy(b), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -229,3 +231,27 @@ def test_low_precision_input_keeps_its_dtype_and_parameters_get_theirs(backend, 
     assert str(backend.to_numpy(y).dtype) == dtype
     assert str(backend.to_numpy(gradients[0]).dtype) == dtype
     assert [str(backend.to_numpy(g).dtype) for g in gradients[1:]] == ["float32"] * 3
+
+
+@pytest.mark.tf
+def test_unknown_dimensions_inside_tf_function():
+    """A tf.function traced with unknown dimensions (as Keras retraces) gives the eager values."""
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3, 2))
+    params = [rng.standard_normal(3) for _ in range(4)] + [rng.uniform(0.5, 2, 3)]
+    vector = tf.TensorSpec([3], tf.float64)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3, None], tf.float64)] + [vector] * 5)
+    def step(*args):
+        y, residuals = hbn_forward(*args)
+        stats = moments(args[0])
+        return (y, *hbn_backward(y, residuals), stats.count, stats.mean, stats.m2)
+
+    traced = step(tf.constant(x), *map(tf.constant, params))
+    y, residuals = hbn_forward(x, *params)
+    stats = moments(x)
+    eager = (y, *hbn_backward(y, residuals), stats.count, stats.mean, stats.m2)
+    for a, b in zip(traced, eager, strict=True):
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-12, atol=1e-12)
+    assert traced[5].dtype == tf.int64
