@@ -19,7 +19,8 @@ def is_tensorflow_array(x: object) -> bool:
 
 
 def _library_name(xp: ArrayNamespace) -> str:
-    return str(getattr(xp, "__name__", type(xp).__name__)).removeprefix("array_api_compat.")
+    name = str(getattr(xp, "__name__", type(xp).__name__))
+    return {"hbn_core.tf_namespace": "tensorflow"}.get(name, name.removeprefix("array_api_compat."))
 
 
 def _namespace_of_one(name: str, value: object) -> ArrayNamespace:

@@ -255,3 +255,25 @@ def test_unknown_dimensions_inside_tf_function():
     for a, b in zip(traced, eager, strict=True):
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-12, atol=1e-12)
     assert traced[5].dtype == tf.int64
+
+
+@pytest.mark.jax
+def test_jax_vmap_over_stacked_clients_equals_one_call_per_client():
+    """``jax.vmap`` over stacked client models and batches, as the Flax adapter will use it."""
+    jax = pytest.importorskip("jax")
+    rng = np.random.default_rng(0)
+    clients = 3
+    x = rng.standard_normal((clients, 6, 2, 4))
+    params = [rng.standard_normal((clients, 4)) for _ in range(4)] + [
+        rng.uniform(0.5, 2, (clients, 4))
+    ]
+
+    def step(x, *params):
+        y, residuals = hbn_forward(x, *params, channel_axis=-1)
+        return (y, *hbn_backward(y, residuals), moments(x, channel_axis=-1).m2)
+
+    batched = jax.vmap(step)(*map(jax.numpy.asarray, (x, *params)))
+    for k in range(clients):
+        one = step(x[k], *(p[k] for p in params))
+        for a, b in zip(batched, one, strict=True):
+            np.testing.assert_allclose(np.asarray(a[k]), b, rtol=1e-12, atol=1e-12)
