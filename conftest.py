@@ -90,14 +90,19 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _passed_per_marker.update(m for m in REQUIRED if m in report.keywords)
 
 
+def _required_without_a_pass() -> list[str]:
+    return sorted(m for m in REQUIRED if _passed_per_marker[m] == 0)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the session when a required marker has no passed test."""
-    missing = sorted(m for m in REQUIRED if _passed_per_marker[m] == 0)
-    if missing and exitstatus == 0:
+    if _required_without_a_pass() and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(
-                f"HBN_REQUIRE: no test marked {', '.join(missing)} passed in this session",
-                red=True,
-            )
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say which required markers had no passed test."""
+    missing = _required_without_a_pass()
+    if missing:
+        terminalreporter.section("HBN_REQUIRE", red=True)
+        terminalreporter.write_line(f"no test marked {', '.join(missing)} passed in this session")
