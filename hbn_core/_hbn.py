@@ -156,19 +156,23 @@ def hbn_forward(
     shape = broadcast_shape(x.ndim, axis, -1)
     count, batch_mean, batch_m2 = channel_moments(xp.astype(x, compute, copy=False), axis, xp=xp)
     batch_var = batch_m2 / count
-    global_weight, batch_weight = _sigmoid_pair(xp.astype(alpha, compute), xp=xp)
-    mean_gap = xp.astype(global_mean, compute) - batch_mean
-    var_gap = xp.astype(global_var, compute) - batch_var
+    global_weight, batch_weight = _sigmoid_pair(xp.astype(alpha, compute, copy=False), xp=xp)
+    mean_gap = xp.astype(global_mean, compute, copy=False) - batch_mean
+    var_gap = xp.astype(global_var, compute, copy=False) - batch_var
     # (1-w)*mu_B + w*mu_G, written so that w in {0, 1} gives each limit exactly.
-    mixed_mean = batch_weight * batch_mean + global_weight * xp.astype(global_mean, compute)
-    mixed_var = batch_weight * batch_var + global_weight * xp.astype(global_var, compute)
+    mixed_mean = batch_weight * batch_mean + global_weight * xp.astype(
+        global_mean, compute, copy=False
+    )
+    mixed_var = batch_weight * batch_var + global_weight * xp.astype(
+        global_var, compute, copy=False
+    )
     inv_std = 1 / xp.sqrt(mixed_var + eps)
 
     x_hat = (xp.astype(x, compute, copy=False) - xp.reshape(mixed_mean, shape)) * xp.reshape(
         inv_std, shape
     )
-    y = xp.reshape(xp.astype(scale, compute), shape) * x_hat + xp.reshape(
-        xp.astype(offset, compute), shape
+    y = xp.reshape(xp.astype(scale, compute, copy=False), shape) * x_hat + xp.reshape(
+        xp.astype(offset, compute, copy=False), shape
     )
     residuals = HBNResiduals(
         x_hat=x_hat,
@@ -178,7 +182,7 @@ def hbn_forward(
         mean_gap=xp.reshape(mean_gap, shape),
         var_gap=xp.reshape(var_gap, shape),
     )
-    return xp.astype(y, x.dtype), residuals
+    return xp.astype(y, x.dtype, copy=False), residuals
 
 
 def hbn_backward(
@@ -259,7 +263,7 @@ def hbn_backward(
     g = xp.astype(dy, x_hat.dtype, copy=False)
     doffset = xp.sum(g, axis=axes, keepdims=True)
     dscale = xp.sum(g * x_hat, axis=axes, keepdims=True)
-    gamma = xp.astype(scale, x_hat.dtype)
+    gamma = xp.astype(scale, x_hat.dtype, copy=False)
     s1, s2 = gamma * doffset, gamma * dscale
     # dx = r*gamma*g - r*(1-w)/n*S2*x_hat - r*(1-w)/n*(S1 + w*r*S2*(mu_G - mu_B)): per-channel
     # coefficients first, so that only three passes touch arrays of the input's size.
@@ -269,7 +273,7 @@ def hbn_backward(
     dweight = -inv_std * s1 * mean_gap - 0.5 * inv_std * inv_std * s2 * var_gap
     dalpha = w * (1 - w) * dweight
     return (
-        xp.astype(dx, dy.dtype),
+        xp.astype(dx, dy.dtype, copy=False),
         _per_channel(dscale, scale.dtype, xp=xp),
         _per_channel(doffset, scale.dtype, xp=xp),
         _per_channel(dalpha, scale.dtype, xp=xp),
@@ -316,11 +320,14 @@ def hbn_inference(
     axis, compute = _check_layer_inputs(arrays, channel_axis, xp=xp)
     eps = check_eps(eps)
     shape = broadcast_shape(x.ndim, axis, -1)
-    inv_std = 1 / xp.sqrt(xp.astype(global_var, compute) + eps)
-    factor = xp.astype(scale, compute) * inv_std
-    shift = xp.astype(offset, compute) - xp.astype(global_mean, compute) * factor
+    inv_std = 1 / xp.sqrt(xp.astype(global_var, compute, copy=False) + eps)
+    factor = xp.astype(scale, compute, copy=False) * inv_std
+    shift = (
+        xp.astype(offset, compute, copy=False)
+        - xp.astype(global_mean, compute, copy=False) * factor
+    )
     y = xp.astype(x, compute, copy=False) * xp.reshape(factor, shape) + xp.reshape(shift, shape)
-    return xp.astype(y, x.dtype)
+    return xp.astype(y, x.dtype, copy=False)
 
 
 def _check_layer_inputs(
@@ -354,4 +361,4 @@ def _sigmoid_pair(alpha: Array, *, xp: ArrayNamespace) -> tuple[Array, Array]:
 
 
 def _per_channel(v: Array, dtype: DType, *, xp: ArrayNamespace) -> Array:
-    return xp.astype(xp.reshape(v, (-1,)), dtype)
+    return xp.astype(xp.reshape(v, (-1,)), dtype, copy=False)

@@ -98,7 +98,7 @@ def moments(x: Array, /, *, channel_axis: int = 1, xp: ArrayNamespace | None = N
     count, mean, m2 = channel_moments(accumulate, axis, xp=xp)
     if isinstance(count, int):
         return Moments(xp.asarray(count), mean, m2)
-    return Moments(xp.astype(count, xp.int64), mean, m2)
+    return Moments(xp.astype(count, xp.int64, copy=False), mean, m2)
 
 
 def channel_moments(
@@ -189,11 +189,11 @@ def merge_moments(a: Moments, b: Moments, /, *, xp: ArrayNamespace | None = None
     num_channels = check_moments("a", a, xp)
     _check_channels("b", b, num_channels, xp)
     dtype = xp.result_type(a.mean, a.m2, b.mean, b.m2)
-    count_a, count_b = xp.astype(a.count, dtype), xp.astype(b.count, dtype)
+    count_a, count_b = xp.astype(a.count, dtype, copy=False), xp.astype(b.count, dtype, copy=False)
     total = count_a + count_b
     safe_total = xp.where(total > 0, total, xp.ones_like(total))
     frac_a, frac_b = count_a / safe_total, count_b / safe_total
-    mean_a, mean_b = xp.astype(a.mean, dtype), xp.astype(b.mean, dtype)
+    mean_a, mean_b = xp.astype(a.mean, dtype, copy=False), xp.astype(b.mean, dtype, copy=False)
     delta = mean_b - mean_a
     # Anchor on the larger part, and take the midpoint on a tie: merge(a, b) == merge(b, a).
     mean = xp.where(
@@ -202,8 +202,8 @@ def merge_moments(a: Moments, b: Moments, /, *, xp: ArrayNamespace | None = None
         xp.where(frac_a > frac_b, mean_a + delta * frac_b, (mean_a + mean_b) / 2),
     )
     m2 = (
-        xp.astype(a.m2, dtype)
-        + xp.astype(b.m2, dtype)
+        xp.astype(a.m2, dtype, copy=False)
+        + xp.astype(b.m2, dtype, copy=False)
         + delta * delta * (count_a * count_b / safe_total)
     )
     return Moments(a.count + b.count, mean, m2)
@@ -289,9 +289,9 @@ def pool_moments(
         _check_channels(f"parts[{i}]", part, num_channels, xp)
 
     dtype = xp.result_type(*(p.mean for p in parts), *(p.m2 for p in parts))
-    counts = xp.stack([xp.astype(p.count, dtype) for p in parts])
-    means = xp.stack([xp.astype(p.mean, dtype) for p in parts])
-    m2s = xp.stack([xp.astype(p.m2, dtype) for p in parts])
+    counts = xp.stack([xp.astype(p.count, dtype, copy=False) for p in parts])
+    means = xp.stack([xp.astype(p.mean, dtype, copy=False) for p in parts])
+    m2s = xp.stack([xp.astype(p.m2, dtype, copy=False) for p in parts])
     total_count = functools.reduce(operator.add, (p.count for p in parts))
 
     if weights is None:
@@ -320,7 +320,7 @@ def _reweight(
     if concrete(w) and (not bool(xp.all(xp.isfinite(w))) or bool(xp.any(w < 0))):
         msg = f"`weights` must be finite and >= 0; got {weights!r}."
         raise ValueError(msg)
-    w = w * xp.astype(counts > 0, w.dtype)
+    w = w * xp.astype(counts > 0, w.dtype, copy=False)
     if concrete(w) and not bool(xp.any(w > 0)):
         msg = f"`weights` must give a positive total to the parts with count > 0; got {weights!r}."
         raise ValueError(msg)
@@ -374,7 +374,7 @@ def variance(m: Moments, /, *, correction: float = 0, xp: ArrayNamespace | None 
             f"`correction` must be finite and >= 0 (0: population, 1: Bessel); got {correction!r}."
         )
         raise ValueError(msg)
-    dof = xp.astype(m.count, m.m2.dtype) - correction
+    dof = xp.astype(m.count, m.m2.dtype, copy=False) - correction
     positive = dof > 0
     ratio = m.m2 / xp.where(positive, dof, xp.ones_like(dof))
     return xp.where(positive, ratio, xp.asarray(math.nan, dtype=m.m2.dtype))

@@ -26,7 +26,6 @@ class ArrayNamespace(Protocol):
     """The subset of the Python Array API standard that :mod:`hbn_core` calls."""
 
     float32: DType
-    float64: DType
     int64: DType
 
     def asarray(self, obj: Any, /, *, dtype: DType | None = None) -> Array: ...

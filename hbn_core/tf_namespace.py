@@ -34,7 +34,6 @@ __all__ = [
     "astype",
     "exp",
     "float32",
-    "float64",
     "int64",
     "isdtype",
     "isfinite",
@@ -48,7 +47,6 @@ __all__ = [
 ]
 
 float32 = tf.float32
-float64 = tf.float64
 int64 = tf.int64
 
 exp = tf.math.exp
