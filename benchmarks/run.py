@@ -128,7 +128,9 @@ def main() -> None:
         f"median of {options.repeats} repeats after 3 warm-up runs. The baseline runs in the "
         "same process: a plain NumPy batch-norm forward+backward for NumPy, and "
         "`torch.nn.functional.batch_norm` with autograd for PyTorch. The core runs eagerly (no "
-        "compilation); its extra work against BN is the hybrid statistics and the alpha gradient.",
+        "compilation); its extra work against BN is the hybrid statistics and the alpha gradient. "
+        "Absolute times vary from run to run on a shared machine (fresh pages for full-size "
+        "temporaries cost more in some runs than in others); compare ratios within one run.",
         "",
         f"Machine: {platform.machine()}, {platform.processor() or 'unknown CPU'}, Python "
         f"{platform.python_version()}, run {datetime.date.today().isoformat()}.",
