@@ -24,21 +24,13 @@ from tests.backends import BACKEND_PARAMS, make_backend
 REQUIRED = frozenset(filter(None, os.environ.get("HBN_REQUIRE", "").split(",")))
 _passed_per_marker: Counter[str] = Counter()
 
-settings.register_profile(
-    "ci",
-    max_examples=40,
-    derandomize=True,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-settings.register_profile(
-    "dev",
-    max_examples=200,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+_COMMON_SETTINGS: dict[str, Any] = {
+    "deadline": None,
+    "print_blob": True,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+}
+settings.register_profile("ci", max_examples=40, derandomize=True, **_COMMON_SETTINGS)
+settings.register_profile("dev", max_examples=200, **_COMMON_SETTINGS)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 if importlib.util.find_spec("jax") is not None:
