@@ -69,11 +69,19 @@ def backend(request: pytest.FixtureRequest, backend_from_param: Any) -> Any:
     return backend_from_param(request.param)
 
 
+DOCTEST_MARKERS = {
+    ("hbn_core", "tf_namespace.py"): pytest.mark.tf,
+    ("backends", "torch.py"): pytest.mark.torch,
+}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Doctests of the TensorFlow namespace need TensorFlow: mark them for tests-tf."""
+    """Doctests of framework modules need their framework: mark them for its session."""
     for item in items:
-        if isinstance(item, pytest.DoctestItem) and item.path.name == "tf_namespace.py":
-            item.add_marker(pytest.mark.tf)
+        if isinstance(item, pytest.DoctestItem):
+            marker = DOCTEST_MARKERS.get((item.path.parent.name, item.path.name))
+            if marker is not None:
+                item.add_marker(marker)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

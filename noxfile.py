@@ -44,9 +44,17 @@ def tests_core(session: nox.Session) -> None:
 
 @nox.session(name="tests-torch")
 def tests_torch(session: nox.Session) -> None:
-    """The core on PyTorch tensors (and, later, the torch adapter)."""
+    """The core on PyTorch tensors, and the torch adapter (backends.torch)."""
     session.install(TORCH, "-e", ".[torch,test]")
-    run_pytest(session, "-m", "torch and not cross", "tests", require="torch")
+    run_pytest(
+        session,
+        "-m",
+        "torch and not cross",
+        *DOCTESTS,
+        "tests",
+        "backends/torch.py",
+        require="torch",
+    )
 
 
 @nox.session(name="tests-jax")
