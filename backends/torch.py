@@ -103,12 +103,13 @@ class _FusedHybridBatchNormFunction(torch.autograd.Function):
         global_var: torch.Tensor,
         eps: float,
     ) -> tuple[torch.Tensor, ...]:
-        batch_mean, batch_var = torch.batch_norm_update_stats(x, None, None, 0.0)
-        global_weight, batch_weight = torch.sigmoid(alpha), torch.sigmoid(-alpha)
-        mixed_mean = batch_weight * batch_mean + global_weight * global_mean
-        mixed_var = batch_weight * batch_var + global_weight * global_var
+        # Rows: mean, variance. lerp(batch, global, w) is (1-w)*batch + w*global, exact at w=0, 1.
+        batch = torch.stack(torch.batch_norm_update_stats(x, None, None, 0.0))
+        glob = torch.stack((global_mean, global_var))
+        global_weight = torch.sigmoid(alpha)
+        mixed_mean, mixed_var = torch.lerp(batch, glob, global_weight).unbind()
         y = torch.batch_norm(x, scale, offset, mixed_mean, mixed_var, False, 0.0, eps, True)
-        mean_gap, var_gap = global_mean - batch_mean, global_var - batch_var
+        mean_gap, var_gap = (glob - batch).unbind()
         return y, mixed_mean, torch.rsqrt(mixed_var + eps), global_weight, mean_gap, var_gap
 
     @staticmethod
@@ -307,8 +308,11 @@ class HybridBatchNorm(nn.Module):
         batch_mean = self.global_mean - mean_gap
         batch_var = self.global_var - var_gap
         unbiased = batch_var * (count / max(count - 1, 1))
-        self.running_mean.lerp_(batch_mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        torch._foreach_lerp_(
+            [self.running_mean, self.running_var],
+            [batch_mean.to(self.running_mean.dtype), unbiased.to(self.running_var.dtype)],
+            factor,
+        )
 
 
 class HybridBatchNorm1d(HybridBatchNorm):

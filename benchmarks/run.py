@@ -6,19 +6,24 @@ For each library and shape, the baseline is measured in the same run:
 - PyTorch: the core over torch tensors against ``torch.nn.functional.batch_norm`` with autograd.
 
 Reported figures are medians over repeats, and the ratio is core / baseline (lower is better).
-Usage: ``python benchmarks/run.py --output docs/benchmarks.md`` (``nox -s bench``).
+Usage: ``python benchmarks/run.py --output docs/benchmarks.md`` (``nox -s bench``); it also
+runs the torch layer benchmark (``benchmarks/torch_layer.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import os
 import platform
 import statistics
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+import torch_layer
 
 from hbn_core import hbn_backward, hbn_forward
 
@@ -79,8 +84,6 @@ def bench_numpy(shape: tuple[int, ...], repeats: int) -> tuple[float, float]:
 
 
 def bench_torch(shape: tuple[int, ...], repeats: int) -> tuple[float, float]:
-    import torch
-
     torch.manual_seed(0)
     x = torch.randn(shape)
     dy = torch.randn(shape)
@@ -97,6 +100,15 @@ def bench_torch(shape: tuple[int, ...], repeats: int) -> tuple[float, float]:
     with torch.no_grad():
         core = median_seconds(core_step(args, dy), repeats)
     return core, median_seconds(native, repeats)
+
+
+def cpu_name() -> str:
+    """The CPU model as Linux reports it, else what the platform module knows."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 def format_row(core: float, baseline: float) -> str:
@@ -122,18 +134,20 @@ def main() -> None:
     lines = [
         "# Benchmarks",
         "",
+        "Written by `nox -s bench` (`python benchmarks/run.py --output docs/benchmarks.md`). "
+        f"Machine: {platform.machine()}, {cpu_name()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, torch {torch.__version__}, run "
+        f"{datetime.date.today().isoformat()}.",
+        "",
         "## hbn_core: HBN forward+backward against batch normalisation",
         "",
-        "Written by `nox -s bench` (`benchmarks/run.py`). float32 on CPU, channels-first, "
-        f"median of {options.repeats} repeats after 3 warm-up runs. The baseline runs in the "
-        "same process: a plain NumPy batch-norm forward+backward for NumPy, and "
+        f"float32 on CPU, channels-first, median of {options.repeats} repeats after 3 warm-up "
+        "runs. The baseline runs in the same process: a plain NumPy batch-norm "
+        "forward+backward for NumPy, and "
         "`torch.nn.functional.batch_norm` with autograd for PyTorch. The core runs eagerly (no "
         "compilation); its extra work against BN is the hybrid statistics and the alpha gradient. "
         "Absolute times vary from run to run on a shared machine (fresh pages for full-size "
         "temporaries cost more in some runs than in others); compare ratios within one run.",
-        "",
-        f"Machine: {platform.machine()}, {platform.processor() or 'unknown CPU'}, Python "
-        f"{platform.python_version()}, run {datetime.date.today().isoformat()}.",
         "",
         "| library | shape | core (ms) | baseline (ms) | ratio core / baseline |",
         "|---|---|---:|---:|---:|",
@@ -143,6 +157,7 @@ def main() -> None:
             for library, shape, core, baseline in rows
         ),
         "",
+        *torch_layer.run(options.repeats),
     ]
     with open(options.output, "w") as handle:
         handle.write("\n".join(lines))
