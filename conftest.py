@@ -72,6 +72,7 @@ def backend(request: pytest.FixtureRequest, backend_from_param: Any) -> Any:
 DOCTEST_MARKERS = {
     ("hbn_core", "tf_namespace.py"): pytest.mark.tf,
     ("backends", "torch.py"): pytest.mark.torch,
+    ("backends", "torch.md"): pytest.mark.torch,
 }
 
 

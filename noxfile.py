@@ -53,6 +53,7 @@ def tests_torch(session: nox.Session) -> None:
         *DOCTESTS,
         "tests",
         "backends/torch.py",
+        "docs/backends/torch.md",
         require="torch",
     )
 
