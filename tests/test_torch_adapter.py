@@ -442,3 +442,27 @@ def test_sgd_trains_a_cnn_with_hbn_as_with_batchnorm(norm):
             optimizer.step()
         losses.append(loss.detach().item())
     assert np.mean(losses[-5:]) < 0.25 * np.mean(losses[:5]), losses[::10]
+
+
+@PATHS
+def test_torch_func_grad_equals_autograd(fused):
+    """The setup_context-style Function composes with torch.func transforms.
+
+    As for torch's BatchNorm, torch.func needs layers that do not update running statistics in
+    place (``track_running_stats=False``; functorch's ``replace_all_batch_norm_modules_``).
+    """
+    torch.manual_seed(5)
+    layer = hbn_torch.HybridBatchNorm2d(3, track_running_stats=False, dtype=torch.float64)
+    layer.use_fused_kernels = fused
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def loss(params: dict, x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(layer, params, (x,)).pow(3).sum()
+
+    functional = torch.func.grad(loss, argnums=(0, 1))(params, x)
+    leaves = {name: p.clone().requires_grad_(True) for name, p in params.items()}
+    x_leaf = x.clone().requires_grad_(True)
+    expected = torch.autograd.grad(loss(leaves, x_leaf), [*leaves.values(), x_leaf])
+    for actual, reference in zip([*functional[0].values(), functional[1]], expected, strict=True):
+        torch.testing.assert_close(actual, reference, rtol=1e-12, atol=1e-12)
