@@ -17,13 +17,12 @@ import contextlib
 import datetime
 import os
 import platform
-import statistics
-import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch_layer
+from timing import WARMUP, median_ms
 
 from hbn_core import hbn_backward, hbn_forward
 
@@ -31,17 +30,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 SHAPES = [(32, 64, 32, 32), (4, 64, 32, 32), (256, 128)]  # channels-first (N, C, ...)
-
-
-def median_seconds(step: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def numpy_batch_norm_step(x: np.ndarray, scale: np.ndarray, dy: np.ndarray) -> Callable[[], object]:
@@ -78,8 +66,8 @@ def bench_numpy(shape: tuple[int, ...], repeats: int) -> tuple[float, float]:
     dy = rng.standard_normal(shape, dtype=np.float32)
     c = shape[1]
     args = [x, *(np.full(c, v, np.float32) for v in (1.0, 0.0, 0.0, 0.0, 1.0))]
-    core = median_seconds(core_step(args, dy), repeats)
-    baseline = median_seconds(numpy_batch_norm_step(x, args[1], dy), repeats)
+    core = median_ms(core_step(args, dy), repeats)
+    baseline = median_ms(numpy_batch_norm_step(x, args[1], dy), repeats)
     return core, baseline
 
 
@@ -98,8 +86,8 @@ def bench_torch(shape: tuple[int, ...], repeats: int) -> tuple[float, float]:
         return torch.autograd.grad(y, (leaf, weight, bias), dy)
 
     with torch.no_grad():
-        core = median_seconds(core_step(args, dy), repeats)
-    return core, median_seconds(native, repeats)
+        core = median_ms(core_step(args, dy), repeats)
+    return core, median_ms(native, repeats)
 
 
 def cpu_name() -> str:
@@ -112,10 +100,7 @@ def cpu_name() -> str:
 
 
 def format_row(core: float, baseline: float) -> str:
-    return (
-        f"core {core * 1e3:8.2f} ms  baseline {baseline * 1e3:8.2f} ms  "
-        f"ratio {core / baseline:5.2f}"
-    )
+    return f"core {core:8.2f} ms  baseline {baseline:8.2f} ms  ratio {core / baseline:5.2f}"
 
 
 def main() -> None:
@@ -141,8 +126,8 @@ def main() -> None:
         "",
         "## hbn_core: HBN forward+backward against batch normalisation",
         "",
-        f"float32 on CPU, channels-first, median of {options.repeats} repeats after 3 warm-up "
-        "runs. The baseline runs in the same process: a plain NumPy batch-norm "
+        f"float32 on CPU, channels-first, median of {options.repeats} repeats after {WARMUP} "
+        "warm-up runs. The baseline runs in the same process: a plain NumPy batch-norm "
         "forward+backward for NumPy, and "
         "`torch.nn.functional.batch_norm` with autograd for PyTorch. The core runs eagerly (no "
         "compilation); its extra work against BN is the hybrid statistics and the alpha gradient. "
@@ -152,8 +137,7 @@ def main() -> None:
         "| library | shape | core (ms) | baseline (ms) | ratio core / baseline |",
         "|---|---|---:|---:|---:|",
         *(
-            f"| {library} | {shape} | {core * 1e3:.2f} | {baseline * 1e3:.2f} | "
-            f"{core / baseline:.2f} |"
+            f"| {library} | {shape} | {core:.2f} | {baseline:.2f} | {core / baseline:.2f} |"
             for library, shape, core, baseline in rows
         ),
         "",

@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
-from typing import TYPE_CHECKING
 
 import torch
+from timing import WARMUP, median_ms
 from torch import nn
 
 from backends.torch import HybridBatchNorm1d, HybridBatchNorm2d
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 SHAPES = [(32, 64, 32, 32), (4, 64, 32, 32), (256, 128)]
 VARIANTS = ["batchnorm", "hbn-fused", "hbn-core", "hbn-autograd"]
@@ -61,17 +56,6 @@ def make_norm(variant: str, num_features: int, ndim: int) -> nn.Module:
     layer = HybridBatchNorm2d(num_features) if ndim == 4 else HybridBatchNorm1d(num_features)
     layer.use_fused_kernels = variant == "hbn-fused"
     return layer
-
-
-def median_ms(step: Callable[[], object], repeats: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def time_layers(repeats: int) -> list[dict]:
@@ -149,7 +133,8 @@ def markdown(rows: list[dict], memory: dict[str, dict], repeats: int) -> list[st
     lines = [
         "## backends.torch: HybridBatchNorm against nn.BatchNorm",
         "",
-        f"Forward+backward, float32 CPU, median of {repeats} repeats after 5 warm-up runs, all "
+        f"Forward+backward, float32 CPU, median of {repeats} repeats after {WARMUP} warm-up runs, "
+        "all "
         "in one process. Ratios are against `nn.BatchNorm2d` (`nn.BatchNorm1d` for (256, 128)) "
         "measured in the same run. `hbn-fused` is the layer's default fast path (torch's fused "
         "batch-norm kernels fed with the core's statistics); `hbn-core` is the same layer with "
