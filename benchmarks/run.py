@@ -66,9 +66,9 @@ def bench_numpy(shape: tuple[int, ...], repeats: int) -> tuple[float, float]:
     dy = rng.standard_normal(shape, dtype=np.float32)
     c = shape[1]
     args = [x, *(np.full(c, v, np.float32) for v in (1.0, 0.0, 0.0, 0.0, 1.0))]
-    core = median_ms(core_step(args, dy), repeats)
-    baseline = median_ms(numpy_batch_norm_step(x, args[1], dy), repeats)
-    return core, baseline
+    steps = {"core": core_step(args, dy), "baseline": numpy_batch_norm_step(x, args[1], dy)}
+    times = median_ms(steps, repeats)
+    return times["core"], times["baseline"]
 
 
 def bench_torch(shape: tuple[int, ...], repeats: int) -> tuple[float, float]:
@@ -85,9 +85,9 @@ def bench_torch(shape: tuple[int, ...], repeats: int) -> tuple[float, float]:
         y = torch.nn.functional.batch_norm(leaf, None, None, weight, bias, training=True, eps=1e-5)
         return torch.autograd.grad(y, (leaf, weight, bias), dy)
 
-    with torch.no_grad():
-        core = median_ms(core_step(args, dy), repeats)
-    return core, median_ms(native, repeats)
+    core = torch.no_grad()(core_step(args, dy))
+    times = median_ms({"core": core, "baseline": native}, repeats)
+    return times["core"], times["baseline"]
 
 
 def cpu_name() -> str:
@@ -126,7 +126,8 @@ def main() -> None:
         "",
         "## hbn_core: HBN forward+backward against batch normalisation",
         "",
-        f"float32 on CPU, channels-first, median of {options.repeats} repeats after {WARMUP} "
+        f"float32 on CPU, channels-first, median of {options.repeats} interleaved repeats after "
+        f"{WARMUP} "
         "warm-up runs. The baseline runs in the same process: a plain NumPy batch-norm "
         "forward+backward for NumPy, and "
         "`torch.nn.functional.batch_norm` with autograd for PyTorch. The core runs eagerly (no "

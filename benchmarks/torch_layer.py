@@ -14,12 +14,16 @@ import json
 import resource
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 from timing import WARMUP, median_ms
 from torch import nn
 
 from backends.torch import HybridBatchNorm1d, HybridBatchNorm2d
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 SHAPES = [(32, 64, 32, 32), (4, 64, 32, 32), (256, 128)]
 VARIANTS = ["batchnorm", "hbn-fused", "hbn-core", "hbn-autograd"]
@@ -58,6 +62,12 @@ def make_norm(variant: str, num_features: int, ndim: int) -> nn.Module:
     return layer
 
 
+def training_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
+    """One forward+backward of ``layer``: the gradients of ``x`` and of every parameter."""
+    inputs = [x, *layer.parameters()]
+    return lambda: torch.autograd.grad(layer(x), inputs, dy)
+
+
 def time_layers(repeats: int) -> list[dict]:
     """Median forward+backward time of each variant at each shape, in one process."""
     rows = []
@@ -65,19 +75,11 @@ def time_layers(repeats: int) -> list[dict]:
         torch.manual_seed(0)
         x = torch.randn(shape, requires_grad=True)
         dy = torch.randn(shape)
-        times = {}
-        for variant in VARIANTS:
-            layer = make_norm(variant, shape[1], len(shape))
-            inputs = [x, *layer.parameters()]
-
-            def step(
-                layer: nn.Module = layer, inputs: list = inputs, x: torch.Tensor = x,
-                dy: torch.Tensor = dy,
-            ) -> object:  # fmt: skip
-                return torch.autograd.grad(layer(x), inputs, dy)
-
-            times[variant] = median_ms(step, repeats)
-        rows.append({"shape": shape, **times})
+        steps = {
+            variant: training_step(make_norm(variant, shape[1], len(shape)), x, dy)
+            for variant in VARIANTS
+        }
+        rows.append({"shape": shape, **median_ms(steps, repeats)})
     return rows
 
 
@@ -133,9 +135,9 @@ def markdown(rows: list[dict], memory: dict[str, dict], repeats: int) -> list[st
     lines = [
         "## backends.torch: HybridBatchNorm against nn.BatchNorm",
         "",
-        f"Forward+backward, float32 CPU, median of {repeats} repeats after {WARMUP} warm-up runs, "
-        "all "
-        "in one process. Ratios are against `nn.BatchNorm2d` (`nn.BatchNorm1d` for (256, 128)) "
+        f"Forward+backward, float32 CPU, median of {repeats} interleaved repeats after {WARMUP} "
+        "warm-up runs, all in one process. Ratios are against `nn.BatchNorm2d` "
+        "(`nn.BatchNorm1d` for (256, 128)) "
         "measured in the same run. `hbn-fused` is the layer's default fast path (torch's fused "
         "batch-norm kernels fed with the core's statistics); `hbn-core` is the same layer with "
         "`use_fused_kernels = False`, calling hbn_core's forward and backward; `hbn-autograd` "
