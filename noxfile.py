@@ -60,9 +60,18 @@ def tests_torch(session: nox.Session) -> None:
 
 @nox.session(name="tests-jax")
 def tests_jax(session: nox.Session) -> None:
-    """The core on JAX arrays (and, later, the Flax adapter)."""
+    """The core on JAX arrays, and the Flax adapter (backends.flax)."""
     session.install("-e", ".[jax,test]")
-    run_pytest(session, "-m", "jax and not cross", "tests", require="jax")
+    run_pytest(
+        session,
+        "-m",
+        "jax and not cross",
+        *DOCTESTS,
+        "tests",
+        "backends/flax",
+        "docs/backends/flax.md",
+        require="jax",
+    )
 
 
 @nox.session(name="tests-tf")

@@ -1,0 +1,377 @@
+"""Flax NNX adapter: ``HybridBatchNorm``, a drop-in counterpart of ``nnx.BatchNorm``.
+
+The training forward and backward are :func:`hbn_core.hbn_forward` and
+:func:`hbn_core.hbn_backward`, wired with :func:`jax.custom_vjp`; inference is
+:func:`hbn_core.hbn_inference`. The layer works under ``jax.jit``, ``jax.grad``, ``nnx.jit``,
+``nnx.grad`` and ``jax.vmap``. Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) is not
+available through a custom VJP: it raises a ``TypeError`` rather than returning wrong numbers.
+
+Examples
+--------
+>>> import jax.numpy as jnp
+>>> from flax import nnx
+>>> from backends.flax import HybridBatchNorm
+>>> layer = HybridBatchNorm(3, rngs=nnx.Rngs(0))
+>>> layer(jnp.ones((8, 4, 4, 3))).shape
+(8, 4, 4, 3)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import hbn_core
+from hbn_core import Moments
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping
+
+__all__ = [
+    "GlobalStatistic",
+    "HybridBatchNorm",
+    "collect_statistics",
+    "hbn_layers",
+    "hybrid_batch_norm",
+    "set_global_statistics",
+]
+
+CollectionMode = Literal["hybrid", "global"]
+
+# During collect_statistics: id(layer) -> (mode, record(moments)); empty otherwise.
+_RECORDERS: dict[int, tuple[CollectionMode, Callable[[Moments], None]]] = {}
+
+
+class GlobalStatistic(nnx.BatchStat):
+    """The Variable type of HBN's global statistics.
+
+    ``nnx.state(model, GlobalStatistic)`` selects exactly the ``global_mean`` and ``global_var``
+    of every HBN layer.
+    """
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def hybrid_batch_norm(
+    x: jax.Array,
+    scale: jax.Array,
+    offset: jax.Array,
+    alpha: jax.Array,
+    global_mean: jax.Array,
+    global_var: jax.Array,
+    channel_axis: int,
+    eps: float,
+) -> jax.Array:
+    """:func:`hbn_core.hbn_forward` with :func:`hbn_core.hbn_backward` as its VJP.
+
+    The global statistics get zero cotangents: the gradient never flows into them.
+    """
+    y, _ = hbn_core.hbn_forward(
+        x, scale, offset, alpha, global_mean, global_var, channel_axis=channel_axis, eps=eps, xp=jnp
+    )
+    return y
+
+
+def _forward(
+    x: jax.Array,
+    scale: jax.Array,
+    offset: jax.Array,
+    alpha: jax.Array,
+    global_mean: jax.Array,
+    global_var: jax.Array,
+    channel_axis: int,
+    eps: float,
+) -> tuple[jax.Array, tuple[Any, ...]]:
+    y, residuals = hbn_core.hbn_forward(
+        x, scale, offset, alpha, global_mean, global_var, channel_axis=channel_axis, eps=eps, xp=jnp
+    )
+    return y, (residuals, global_mean, global_var)
+
+
+def _backward(
+    channel_axis: int, eps: float, saved: tuple[Any, ...], dy: jax.Array
+) -> tuple[jax.Array, ...]:
+    del channel_axis, eps  # carried by the residuals
+    residuals, global_mean, global_var = saved
+    dx, dscale, doffset, dalpha = hbn_core.hbn_backward(dy, residuals, xp=jnp)
+    return dx, dscale, doffset, dalpha, jnp.zeros_like(global_mean), jnp.zeros_like(global_var)
+
+
+hybrid_batch_norm.defvjp(_forward, _backward)
+
+
+class HybridBatchNorm(nnx.Module):
+    r"""Hybrid Batch Normalisation for Flax NNX, mirroring :class:`flax.nnx.BatchNorm`.
+
+    In training (``use_running_average=False``), with :math:`w = \operatorname{sigmoid}(\alpha)`,
+    :math:`\hat\mu = (1-w)\mu_B + w\mu_G` and :math:`\hat\sigma^2 = (1-w)\sigma_B^2 + w\sigma_G^2`
+    (biased batch variance), :math:`y = \gamma (x - \hat\mu)/\sqrt{\hat\sigma^2+\epsilon} + \beta`.
+    With ``use_running_average=True`` (``model.eval()``) only the global statistics are used.
+    See ``docs/math.md``.
+
+    Parameters
+    ----------
+    num_features
+        :math:`C`, the size of the feature axis.
+    use_running_average
+        Inference (True) or the hybrid training forward (False). ``model.eval()`` and
+        ``model.train()`` set it, as for ``nnx.BatchNorm``; ``__call__`` can override it.
+    axis
+        The feature axis (default -1, channels-last).
+    epsilon
+        Added to the variance.
+    dtype
+        The dtype of the output; by default that of the input.
+    param_dtype
+        The dtype of ``scale``, ``bias``, ``alpha`` and the global statistics.
+    use_bias, use_scale
+        Whether to learn :math:`\beta` (``bias``) and :math:`\gamma` (``scale``).
+    rngs
+        Accepted for the signature of ``nnx.BatchNorm``; HBN's initialisers are constant.
+
+    Attributes
+    ----------
+    scale, bias : nnx.Param or None
+        Ones and zeros, ``(C,)``.
+    alpha : nnx.Param
+        The hybrid factor, zeros ``(C,)``: half batch, half global.
+    global_mean, global_var : GlobalStatistic
+        Zeros and ones, ``(C,)``; ``global_var`` is a biased variance.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool = False,
+        axis: int = -1,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        rngs: nnx.Rngs,
+    ) -> None:
+        del rngs  # constant initialisers
+        if not isinstance(axis, int):
+            msg = f"`axis` must be one int (the feature axis); got {axis!r}."
+            raise TypeError(msg)
+        shape = (num_features,)
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones(shape, param_dtype)) if use_scale else None
+        self.bias = nnx.Param(jnp.zeros(shape, param_dtype)) if use_bias else None
+        self.alpha = nnx.Param(jnp.zeros(shape, param_dtype))
+        self.global_mean = GlobalStatistic(jnp.zeros(shape, param_dtype))
+        self.global_var = GlobalStatistic(jnp.ones(shape, param_dtype))
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        """Normalise ``x``: the hybrid forward in training, the global statistics otherwise."""
+        inference = self.use_running_average if use_running_average is None else use_running_average
+        self._check_input(x)
+        recorder = _RECORDERS.get(id(self))
+        if recorder is not None:
+            mode, record = recorder
+            record(hbn_core.moments(x, channel_axis=self.axis, xp=jnp))
+            inference = mode == "global"
+        scale, offset = self._affine()
+        statistics = (self.global_mean[...], self.global_var[...])
+        if inference:
+            y = hbn_core.hbn_inference(
+                x, scale, offset, *statistics, channel_axis=self.axis, eps=self.epsilon, xp=jnp
+            )
+        else:
+            alpha = self.alpha[...]
+            y = hybrid_batch_norm(x, scale, offset, alpha, *statistics, self.axis, self.epsilon)
+        return y if self.dtype is None else y.astype(self.dtype)
+
+    def _check_input(self, x: jax.Array) -> None:
+        if (
+            x.ndim < 2
+            or not -x.ndim <= self.axis < x.ndim
+            or x.shape[self.axis] != self.num_features
+        ):
+            msg = (
+                f"HybridBatchNorm({self.num_features}) expected an input of at least 2 "
+                f"dimensions with {self.num_features} features on axis {self.axis}; got shape "
+                f"{tuple(x.shape)}."
+            )
+            raise ValueError(msg)
+
+    def _affine(self) -> tuple[jax.Array, jax.Array]:
+        alpha = self.alpha[...]
+        scale = jnp.ones_like(alpha) if self.scale is None else self.scale[...]
+        offset = jnp.zeros_like(alpha) if self.bias is None else self.bias[...]
+        return scale, offset
+
+    @classmethod
+    def from_batchnorm(cls, batchnorm: nnx.BatchNorm) -> HybridBatchNorm:
+        """An HBN layer that starts from a trained ``nnx.BatchNorm``.
+
+        It keeps the BatchNorm's axis, epsilon, dtypes, ``scale`` and ``bias``, and starts the
+        global statistics from its running ``mean`` and ``var`` (Flax keeps the biased variance,
+        which is what ``global_var`` holds), so its inference equals the BatchNorm's.
+        """
+        mean = batchnorm.mean[...]
+        layer = cls(
+            mean.shape[0],
+            use_running_average=batchnorm.use_running_average,
+            axis=batchnorm.axis,
+            epsilon=batchnorm.epsilon,
+            dtype=batchnorm.dtype,
+            param_dtype=mean.dtype,
+            use_bias=batchnorm.bias is not None,
+            use_scale=batchnorm.scale is not None,
+            rngs=nnx.Rngs(0),
+        )
+        if layer.scale is not None:
+            layer.scale[...] = batchnorm.scale[...]
+        if layer.bias is not None:
+            layer.bias[...] = batchnorm.bias[...]
+        layer.global_mean[...] = mean
+        layer.global_var[...] = batchnorm.var[...]
+        return layer
+
+
+def hbn_layers(model: nnx.Module) -> list[tuple[str, HybridBatchNorm]]:
+    """The HBN layers of ``model`` with their dotted paths, found by type, in graph order."""
+    return [
+        (".".join(map(str, path)), module)
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, HybridBatchNorm)
+    ]
+
+
+def collect_statistics(
+    model: nnx.Module,
+    batches: Iterable[Any],
+    *,
+    mode: CollectionMode = "hybrid",
+    forward: Callable[[nnx.Module, Any], Any] | None = None,
+) -> dict[str, Moments]:
+    """Return the exact input moments of every HBN layer over ``batches``.
+
+    The client side of the statistics protocol, the JAX way: the moments are returned, and the
+    model is left as it was (its whole state is restored afterwards). Each batch runs eagerly
+    through ``forward(model, batch)`` (default ``model(batch)``); each HBN layer's per-batch
+    moments are merged, in float64 on the host, with :func:`hbn_core.merge_moments`.
+
+    Parameters
+    ----------
+    model
+        A module with HBN layers.
+    batches
+        The client's local data, batch by batch.
+    mode
+        How the HBN layers normalise during collection: ``"hybrid"`` as in training (the
+        authors' choice) or ``"global"`` with the current global statistics, as in evaluation.
+    forward
+        How to run one batch, for models whose call takes more than the batch.
+
+    Returns
+    -------
+    dict[str, hbn_core.Moments]
+        Each HBN layer's dotted path mapped to NumPy moments: an int64 ``count`` of elements per
+        channel and float64 ``mean`` and ``m2``. Layers that saw no batch hold count 0.
+
+    Raises
+    ------
+    ValueError
+        If ``mode`` is neither ``"hybrid"`` nor ``"global"``, or ``model`` has no HBN layer.
+    """
+    if mode not in ("hybrid", "global"):
+        msg = f"`mode` must be 'hybrid' or 'global'; got {mode!r}."
+        raise ValueError(msg)
+    layers = hbn_layers(model)
+    if not layers:
+        msg = (
+            "`model` has no HBN layer (backends.flax.HybridBatchNorm); "
+            f"got a {type(model).__name__}."
+        )
+        raise ValueError(msg)
+    totals = {name: _empty_moments(layer.num_features) for name, layer in layers}
+
+    def recorder(name: str) -> Callable[[Moments], None]:
+        def record(batch: Moments) -> None:
+            as_numpy = Moments(
+                np.asarray(batch.count, np.int64),
+                np.asarray(batch.mean, np.float64),
+                np.asarray(batch.m2, np.float64),
+            )
+            totals[name] = hbn_core.merge_moments(totals[name], as_numpy)
+
+        return record
+
+    run = forward if forward is not None else (lambda module, batch: module(batch))
+    snapshot = nnx.state(model)
+    _RECORDERS.update({id(layer): (mode, recorder(name)) for name, layer in layers})
+    try:
+        for batch in batches:
+            run(model, batch)
+    finally:
+        for _, layer in layers:
+            _RECORDERS.pop(id(layer), None)
+        nnx.update(model, snapshot)
+    return totals
+
+
+def _empty_moments(num_features: int) -> Moments:
+    zeros = np.zeros(num_features)
+    return Moments(np.asarray(0, np.int64), zeros, zeros)
+
+
+def set_global_statistics(model: nnx.Module, statistics: Mapping[str, Moments]) -> None:
+    """Write pooled statistics into the HBN layers' ``global_mean`` and ``global_var``.
+
+    ``global_mean`` becomes ``mean`` and ``global_var`` the biased variance ``m2 / count``. All
+    or nothing: every check passes before any layer changes.
+
+    Raises
+    ------
+    ValueError
+        If the names do not match the model's HBN layers exactly, a count is not positive, a
+        shape does not match the layer, or a value is not finite.
+    """
+    layers = dict(hbn_layers(model))
+    if set(statistics) != set(layers):
+        missing = sorted(set(layers) - set(statistics))
+        unknown = sorted(set(statistics) - set(layers))
+        msg = (
+            f"`statistics` must hold exactly the model's HBN layers; missing {missing}, "
+            f"unknown {unknown}."
+        )
+        raise ValueError(msg)
+    updates = {
+        name: _checked_pair(name, layers[name].num_features, statistics[name]) for name in layers
+    }
+    for name, (mean, var) in updates.items():
+        layer = layers[name]
+        layer.global_mean[...] = jnp.asarray(mean, layer.global_mean[...].dtype)
+        layer.global_var[...] = jnp.asarray(var, layer.global_var[...].dtype)
+
+
+def _checked_pair(name: str, c: int, m: Moments) -> tuple[np.ndarray, np.ndarray]:
+    """The checked mean and biased variance of ``m``, for a layer of ``c`` features."""
+    count, mean, m2 = (np.asarray(v) for v in m)
+    if count.shape != () or mean.shape != (c,) or m2.shape != (c,):
+        msg = (
+            f"`statistics[{name!r}]` must have a 0-d count and ({c},) mean and m2 for this "
+            f"layer; got shapes {count.shape}, {mean.shape}, {m2.shape}."
+        )
+        raise ValueError(msg)
+    if not count > 0:
+        msg = f"`statistics[{name!r}]` must have a positive count; got {count}."
+        raise ValueError(msg)
+    moments = Moments(count.astype(np.int64), mean.astype(np.float64), m2.astype(np.float64))
+    var = hbn_core.variance(moments)
+    if not (np.isfinite(mean).all() and np.isfinite(var).all() and (var >= 0).all()):
+        msg = f"`statistics[{name!r}]` must hold finite means and non-negative finite variances."
+        raise ValueError(msg)
+    return moments.mean, var
