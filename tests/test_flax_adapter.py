@@ -471,3 +471,61 @@ def test_linen_training_needs_no_mutable_collection_and_jit_equals_eager():
     eager = net.apply(variables, x)
     compiled = jax.jit(net.apply)(variables, x)
     np.testing.assert_allclose(np.asarray(compiled), np.asarray(eager), rtol=1e-5, atol=1e-6)
+
+
+def test_linen_layers_start_from_batchnorm_running_statistics():
+    class WithBatchNorm(linen.Module):
+        norm: type = linen.BatchNorm
+
+        @linen.compact
+        def __call__(self, x, train: bool = True):
+            return self.norm(use_running_average=not train, name="norm")(
+                linen.Dense(3, name="dense")(x)
+            )
+
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(2 + 3 * rng.standard_normal((16, 5)), jnp.float32)
+    bn_model = WithBatchNorm()
+    variables = bn_model.init(jax.random.key(0), x)
+    for _ in range(4):
+        _, updates = bn_model.apply(variables, x, mutable=["batch_stats"])
+        variables = {**variables, **updates}
+    expected = bn_model.apply(variables, x, train=False)
+
+    hbn_model = WithBatchNorm(norm=hbn_linen.HybridBatchNorm)
+    hbn_variables = {
+        "params": variables["params"],
+        "global_stats": hbn_linen.global_stats_from_batch_stats(variables["batch_stats"]),
+    }
+    hbn_variables["params"] = {
+        **hbn_variables["params"],
+        "norm": {**variables["params"]["norm"], "alpha": jnp.zeros(3)},
+    }
+    np.testing.assert_allclose(
+        np.asarray(hbn_model.apply(hbn_variables, x, train=False)),
+        np.asarray(expected),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@given(case=layer_cases())
+def test_nnx_layer_parameter_gradients_equal_jax_grad_of_a_plain_composition(case):
+    layer = make_layer(case)
+    x = jnp.asarray(case["x"])
+    dy = jnp.asarray(case["dy"])
+    grads = nnx.grad(lambda layer: jnp.sum(dy * layer(x)))(layer)
+    statistics = (jnp.asarray(case["global_mean"]), jnp.asarray(case["global_var"]))
+    reference = jax.grad(
+        lambda p: jnp.sum(
+            dy
+            * plain_composition(
+                x, p["scale"], p["bias"], p["alpha"], *statistics, axis=case["axis"]
+            )
+        ),
+    )({name: jnp.asarray(case[name]) for name in ("scale", "bias", "alpha")})
+    for name in ("scale", "bias", "alpha"):
+        wanted = np.asarray(reference[name])
+        np.testing.assert_allclose(
+            np.asarray(grads[name][...]), wanted, rtol=1e-9, atol=1e-9 * (1 + np.abs(wanted).max())
+        )

@@ -38,6 +38,7 @@ __all__ = [
     "MOMENTS",
     "HybridBatchNorm",
     "collect_statistics",
+    "global_stats_from_batch_stats",
     "set_global_statistics",
 ]
 
@@ -236,3 +237,17 @@ def _global_stats_layers(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any
             yield path, value
         else:
             yield from _global_stats_layers(value, path)
+
+
+def global_stats_from_batch_stats(batch_stats: Any) -> dict[str, Any]:
+    """The ``global_stats`` collection that starts HBN layers from ``flax.linen.BatchNorm``'s.
+
+    Swap ``nn.BatchNorm`` for :class:`HybridBatchNorm` under the same names, then use
+    ``{**variables, "global_stats": global_stats_from_batch_stats(variables["batch_stats"])}``:
+    each layer's running ``mean`` and ``var`` become its ``global_mean`` and ``global_var``.
+    Flax keeps the biased variance, which is what ``global_var`` holds, so inference is
+    unchanged (``scale`` and ``bias`` keep their names in ``params``).
+    """
+    if "mean" in batch_stats and "var" in batch_stats:
+        return {"global_mean": batch_stats["mean"], "global_var": batch_stats["var"]}
+    return {name: global_stats_from_batch_stats(sub) for name, sub in batch_stats.items()}
