@@ -16,6 +16,8 @@ jnp = pytest.importorskip("jax.numpy")
 nnx = pytest.importorskip("flax.nnx")
 optax = pytest.importorskip("optax")
 hbn_flax = pytest.importorskip("backends.flax")
+linen = pytest.importorskip("flax.linen")
+hbn_linen = pytest.importorskip("backends.flax.linen")
 
 from hbn_core import Moments  # noqa: E402
 
@@ -96,8 +98,9 @@ def test_gradients_equal_jax_grad_of_a_plain_composition(case):
 
 
 @given(case=layer_cases(), data=st.data())
-def test_input_gradient_equals_finite_differences(case, data):
-    layer = make_layer(case)
+@pytest.mark.parametrize("api", ["nnx", "linen"])
+def test_input_gradient_equals_finite_differences(case, data, api):
+    layer = make_layer(case) if api == "nnx" else linen_callable(case)
     dy = case["dy"]
     grad = jax.grad(lambda x: jnp.sum(jnp.asarray(dy) * layer(x)))(jnp.asarray(case["x"]))
     direction = data.draw(hnp.arrays(np.float64, case["x"].shape, elements=floats(-1, 1)))
@@ -345,8 +348,10 @@ def test_numpy_moments_round_trip_into_the_layers():
     np.testing.assert_allclose(np.asarray(net.norm1.global_var[...]), np.full(4, 2.0))
 
 
-linen = pytest.importorskip("flax.linen")
-hbn_linen = pytest.importorskip("backends.flax.linen")
+def linen_callable(case: dict):
+    """The Linen layer with the case's parameters, as a function of the input (training)."""
+    layer, variables = linen_variables(case)
+    return lambda x: layer.apply(variables, x, use_running_average=False)
 
 
 def linen_variables(case: dict) -> dict:
