@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import hbn_core
+from backends._global_statistics import checked_global_statistics
 from hbn_core import HBNResiduals, Moments
 
 if TYPE_CHECKING:
@@ -454,47 +455,17 @@ def set_global_statistics(model: nn.Module, statistics: Mapping[str, Moments]) -
         shape does not match the layer, or a value is not finite.
     """
     layers = dict(hbn_layers(model))
-    if set(statistics) != set(layers):
-        missing, unknown = (
-            sorted(set(layers) - set(statistics)),
-            sorted(set(statistics) - set(layers)),
-        )
-        msg = (
-            f"`statistics` must hold exactly the model's HBN layers; missing {missing}, "
-            f"unknown {unknown}."
-        )
-        raise ValueError(msg)
-    updates = {name: _global_pair(name, layers[name], statistics[name]) for name in layers}
-    for name, (mean, var) in updates.items():
-        layers[name].global_mean.copy_(mean)
-        layers[name].global_var.copy_(var)
+    checked = checked_global_statistics(
+        statistics, {name: layer.num_features for name, layer in layers.items()}, to_numpy=_numpy
+    )
+    for name, (mean, var) in checked.items():
+        layers[name].global_mean.copy_(torch.from_numpy(mean))
+        layers[name].global_var.copy_(torch.from_numpy(var))
 
 
-def _global_pair(
-    name: str, layer: HybridBatchNorm, m: Moments
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The checked (mean, biased variance) of ``m`` as float64 tensors on the layer's device."""
-    count, mean, m2 = (torch.as_tensor(_to_numpy_if_foreign(v)) for v in m)
-    if mean.shape != (layer.num_features,) or m2.shape != (layer.num_features,) or count.dim():
-        msg = (
-            f"`statistics[{name!r}]` must have a 0-d count and ({layer.num_features},) mean and "
-            f"m2 for this layer; got shapes {tuple(count.shape)}, {tuple(mean.shape)}, "
-            f"{tuple(m2.shape)}."
-        )
-        raise ValueError(msg)
-    if not count > 0:
-        msg = f"`statistics[{name!r}]` must have a positive count; got {count.item()}."
-        raise ValueError(msg)
-    var = hbn_core.variance(Moments(count.to(torch.int64), mean.double(), m2.double()), xp=torch_xp)
-    if not (torch.isfinite(mean).all() and torch.isfinite(var).all() and (var >= 0).all()):
-        msg = f"`statistics[{name!r}]` must hold finite means and non-negative finite variances."
-        raise ValueError(msg)
-    return mean.to(layer.global_mean.device), var.to(layer.global_var.device)
-
-
-def _to_numpy_if_foreign(value: Any) -> Any:
-    """Tensors stay tensors; arrays of other libraries go through NumPy."""
-    return value if isinstance(value, torch.Tensor) else np.asarray(value)
+def _numpy(value: Any) -> np.ndarray:
+    """A tensor copied to host, or any other array, as NumPy."""
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
 _BATCHNORM_TO_HBN: dict[type[nn.Module], type[HybridBatchNorm]] = {

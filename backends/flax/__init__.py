@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 import hbn_core
+from backends._global_statistics import checked_global_statistics
 from hbn_core import Moments
 
 if TYPE_CHECKING:
@@ -340,38 +341,10 @@ def set_global_statistics(model: nnx.Module, statistics: Mapping[str, Moments]) 
         shape does not match the layer, or a value is not finite.
     """
     layers = dict(hbn_layers(model))
-    if set(statistics) != set(layers):
-        missing = sorted(set(layers) - set(statistics))
-        unknown = sorted(set(statistics) - set(layers))
-        msg = (
-            f"`statistics` must hold exactly the model's HBN layers; missing {missing}, "
-            f"unknown {unknown}."
-        )
-        raise ValueError(msg)
-    updates = {
-        name: _checked_pair(name, layers[name].num_features, statistics[name]) for name in layers
-    }
-    for name, (mean, var) in updates.items():
+    checked = checked_global_statistics(
+        statistics, {name: layer.num_features for name, layer in layers.items()}
+    )
+    for name, (mean, var) in checked.items():
         layer = layers[name]
         layer.global_mean[...] = jnp.asarray(mean, layer.global_mean[...].dtype)
         layer.global_var[...] = jnp.asarray(var, layer.global_var[...].dtype)
-
-
-def _checked_pair(name: str, c: int, m: Moments) -> tuple[np.ndarray, np.ndarray]:
-    """The checked mean and biased variance of ``m``, for a layer of ``c`` features."""
-    count, mean, m2 = (np.asarray(v) for v in m)
-    if count.shape != () or mean.shape != (c,) or m2.shape != (c,):
-        msg = (
-            f"`statistics[{name!r}]` must have a 0-d count and ({c},) mean and m2 for this "
-            f"layer; got shapes {count.shape}, {mean.shape}, {m2.shape}."
-        )
-        raise ValueError(msg)
-    if not count > 0:
-        msg = f"`statistics[{name!r}]` must have a positive count; got {count}."
-        raise ValueError(msg)
-    moments = Moments(count.astype(np.int64), mean.astype(np.float64), m2.astype(np.float64))
-    var = hbn_core.variance(moments)
-    if not (np.isfinite(mean).all() and np.isfinite(var).all() and (var >= 0).all()):
-        msg = f"`statistics[{name!r}]` must hold finite means and non-negative finite variances."
-        raise ValueError(msg)
-    return moments.mean, var

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import hbn_core
-from backends.flax import CollectionMode, _checked_pair, _empty_moments, hybrid_batch_norm
+from backends._global_statistics import checked_global_statistics
+from backends.flax import CollectionMode, _empty_moments, hybrid_batch_norm
 from hbn_core import Moments
 
 if TYPE_CHECKING:
@@ -207,18 +208,9 @@ def set_global_statistics(variables: Any, statistics: dict[str, Moments]) -> dic
         count is not positive, a shape does not match, or a value is not finite.
     """
     layers = dict(_global_stats_layers(variables[GLOBAL_STATS]))
-    if set(statistics) != set(layers):
-        missing = sorted(set(layers) - set(statistics))
-        unknown = sorted(set(statistics) - set(layers))
-        msg = (
-            f"`statistics` must hold exactly the HBN layers of `variables`; missing {missing}, "
-            f"unknown {unknown}."
-        )
-        raise ValueError(msg)
-    checked = {
-        path: _checked_pair(path, layers[path]["global_mean"].shape[0], m)
-        for path, m in statistics.items()
-    }
+    checked = checked_global_statistics(
+        statistics, {path: layer["global_mean"].shape[0] for path, layer in layers.items()}
+    )
     updated = dict(variables[GLOBAL_STATS])
     for path, (mean, var) in checked.items():
         node = updated
