@@ -154,23 +154,20 @@ def hbn_forward(
         raise ValueError(msg)
 
     shape = broadcast_shape(x.ndim, axis, -1)
-    count, batch_mean, batch_m2 = channel_moments(xp.astype(x, compute, copy=False), axis, xp=xp)
+    x_compute = xp.astype(x, compute, copy=False)
+    mean_global = xp.astype(global_mean, compute, copy=False)
+    var_global = xp.astype(global_var, compute, copy=False)
+    count, batch_mean, batch_m2 = channel_moments(x_compute, axis, xp=xp)
     batch_var = batch_m2 / count
     global_weight, batch_weight = _sigmoid_pair(xp.astype(alpha, compute, copy=False), xp=xp)
-    mean_gap = xp.astype(global_mean, compute, copy=False) - batch_mean
-    var_gap = xp.astype(global_var, compute, copy=False) - batch_var
+    mean_gap = mean_global - batch_mean
+    var_gap = var_global - batch_var
     # (1-w)*mu_B + w*mu_G, written so that w in {0, 1} gives each limit exactly.
-    mixed_mean = batch_weight * batch_mean + global_weight * xp.astype(
-        global_mean, compute, copy=False
-    )
-    mixed_var = batch_weight * batch_var + global_weight * xp.astype(
-        global_var, compute, copy=False
-    )
+    mixed_mean = batch_weight * batch_mean + global_weight * mean_global
+    mixed_var = batch_weight * batch_var + global_weight * var_global
     inv_std = 1 / xp.sqrt(mixed_var + eps)
 
-    x_hat = (xp.astype(x, compute, copy=False) - xp.reshape(mixed_mean, shape)) * xp.reshape(
-        inv_std, shape
-    )
+    x_hat = (x_compute - xp.reshape(mixed_mean, shape)) * xp.reshape(inv_std, shape)
     y = xp.reshape(xp.astype(scale, compute, copy=False), shape) * x_hat + xp.reshape(
         xp.astype(offset, compute, copy=False), shape
     )

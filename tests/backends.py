@@ -17,6 +17,8 @@ import array_api_compat.numpy
 import numpy as np
 import pytest
 
+from hbn_core._namespace import is_tensorflow_array
+
 # (name, module to import or None, marker); the marker selects the nox session.
 BACKEND_PARAMS = [
     pytest.param(("numpy", None, "core"), id="numpy"),
@@ -131,7 +133,7 @@ class Backend:
     def owns(self, a: Any) -> bool:
         """Whether ``a`` is an array of this library."""
         if self.name == "tensorflow":
-            return type(a).__module__.startswith("tensorflow")
+            return is_tensorflow_array(a)
         return array_api_compat.array_namespace(a) is self.xp
 
 

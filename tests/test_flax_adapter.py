@@ -63,6 +63,15 @@ def oracle_forward(case: dict, x: np.ndarray | None = None) -> np.ndarray:
     return oracle.hbn_forward(x, *(case[n] for n in NAMES), channel_axis=case["axis"], eps=1e-5)
 
 
+def oracle_inference(case: dict) -> np.ndarray:
+    return oracle.inference(
+        case["x"],
+        *(case[n] for n in ("scale", "bias", "global_mean", "global_var")),
+        channel_axis=case["axis"],
+        eps=1e-5,
+    )
+
+
 def plain_composition(x, scale, bias, alpha, global_mean, global_var, *, axis: int):
     """HBN as plain jnp ops, for jax.grad to differentiate (independent of the core)."""
     axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
@@ -116,15 +125,7 @@ def test_input_gradient_equals_finite_differences(case, data, api):
 @given(case=layer_cases())
 def test_inference_uses_the_global_statistics_only(case):
     layer = make_layer(case)
-    expected = oracle.inference(
-        case["x"],
-        case["scale"],
-        case["bias"],
-        case["global_mean"],
-        case["global_var"],
-        channel_axis=case["axis"],
-        eps=1e-5,
-    )
+    expected = oracle_inference(case)
     x = jnp.asarray(case["x"])
     np.testing.assert_allclose(
         np.asarray(layer(x, use_running_average=True)), expected, rtol=1e-10, atol=1e-10
@@ -377,15 +378,7 @@ def test_linen_forward_gradients_and_inference_equal_the_oracles(case):
     x = jnp.asarray(case["x"])
     y = layer.apply(variables, x, use_running_average=False)
     np.testing.assert_allclose(np.asarray(y), oracle_forward(case), rtol=1e-10, atol=1e-10)
-    expected = oracle.inference(
-        case["x"],
-        case["scale"],
-        case["bias"],
-        case["global_mean"],
-        case["global_var"],
-        channel_axis=case["axis"],
-        eps=1e-5,
-    )
+    expected = oracle_inference(case)
     inferred = layer.apply(variables, x, use_running_average=True)
     np.testing.assert_allclose(np.asarray(inferred), expected, rtol=1e-10, atol=1e-10)
 

@@ -71,9 +71,7 @@ def hybrid_batch_norm(
 
     The global statistics get zero cotangents: the gradient never flows into them.
     """
-    y, _ = hbn_core.hbn_forward(
-        x, scale, offset, alpha, global_mean, global_var, channel_axis=channel_axis, eps=eps, xp=jnp
-    )
+    y, _ = _forward(x, scale, offset, alpha, global_mean, global_var, channel_axis, eps)
     return y
 
 
