@@ -1,0 +1,260 @@
+"""Reference models, one definition of their canonical state, and the client-side model protocol.
+
+:class:`ModelSpec` describes a reference model (the paper's Simple-CNN, or an MLP) once, without
+a framework: its layers and its canonical :data:`~federation.layout.Layout`. Each framework
+builds the same model from the spec (:func:`build_model`) behind the :class:`FrameworkModel`
+protocol, which is all the federation needs from a framework: load and export canonical state,
+collect HBN statistics, train with SGD and evaluate. Batches are NumPy in canonical layout:
+images ``(N, C, H, W)`` float32, labels ``(N,)`` int64.
+
+Importing this module imports no framework; :func:`build_model` imports the one it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, get_args
+
+from federation.layout import Kind, Layout, Role, TensorSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    import numpy as np
+
+    from hbn_core import Moments
+
+__all__ = [
+    "FRAMEWORKS",
+    "Batch",
+    "EvalResult",
+    "FrameworkModel",
+    "ModelSpec",
+    "SGDConfig",
+    "TrainResult",
+    "build_model",
+]
+
+Architecture = Literal["simple-cnn", "mlp"]
+Norm = Literal["hbn", "bn", "gn", "ln", "none"]
+Framework = Literal["torch", "jax", "keras"]
+CollectionMode = Literal["hybrid", "global"]
+FRAMEWORKS: tuple[str, ...] = get_args(Framework)
+Batch = tuple["np.ndarray", "np.ndarray"]  # images (N, C, H, W) float32, labels (N,) int64
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
+NORMS: tuple[str, ...] = get_args(Norm)
+
+# Group counts of the GroupNorm variants, as in the authors' code: GN has 2 groups, LN is 1 group.
+GROUPS = {"gn": 2, "ln": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One layer of a reference model, in forward order.
+
+    ``kind`` is ``"conv"`` (3x3, padding 1, then ``norm``, ReLU and 2x2 max-pool), ``"dense"``
+    or ``"norm"``. A dense layer with ``flatten_from`` flattens its ``(C, H, W)`` input first.
+    """
+
+    name: str
+    kind: Literal["conv", "dense", "norm"]
+    in_features: int
+    out_features: int
+    flatten_from: tuple[int, int, int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A reference model, described once for every framework.
+
+    Attributes
+    ----------
+    architecture
+        ``"simple-cnn"``: the paper's Simple-CNN, three blocks of conv 3x3 (padding 1) -> norm ->
+        ReLU -> max-pool 2x2 with ``channels`` (16, 32, 64), then flatten -> ``fc1`` (``hidden``
+        units) -> ReLU -> ``fc2``. The flatten size follows from ``input_shape``.
+        ``"mlp"``: flatten -> ``fc1`` -> norm -> ReLU -> ``fc2``.
+    norm
+        The normalisation after each conv (Simple-CNN) or after ``fc1`` (MLP): ``"hbn"``,
+        ``"bn"`` (BatchNorm), ``"gn"`` (GroupNorm, 2 groups), ``"ln"`` (GroupNorm with 1 group:
+        LayerNorm over channels and space, as in the paper's code) or ``"none"``.
+    input_shape
+        One example's canonical shape ``(C, H, W)``.
+    num_classes
+        The number of classes.
+    hidden
+        The width of ``fc1``.
+    channels
+        The Simple-CNN's conv widths.
+    eps
+        The norm layers' epsilon; 1e-5 in every framework, so that they agree.
+    """
+
+    architecture: Architecture
+    norm: Norm
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    hidden: int = 128
+    channels: tuple[int, ...] = (16, 32, 64)
+    eps: float = 1e-5
+
+    def layers(self) -> list[LayerSpec]:
+        """The layers, in forward order, with their canonical names."""
+        if self.architecture == "mlp":
+            return self._mlp_layers()
+        return self._cnn_layers()
+
+    def _mlp_layers(self) -> list[LayerSpec]:
+        flat = self.input_shape[0] * self.input_shape[1] * self.input_shape[2]
+        layers = [LayerSpec("fc1", "dense", flat, self.hidden, flatten_from=self.input_shape)]
+        if self.norm != "none":
+            layers.append(LayerSpec("norm1", "norm", self.hidden, self.hidden))
+        return [*layers, LayerSpec("fc2", "dense", self.hidden, self.num_classes)]
+
+    def _cnn_layers(self) -> list[LayerSpec]:
+        layers = []
+        channels, height, width = self.input_shape
+        for index, out in enumerate(self.channels, start=1):
+            layers.append(LayerSpec(f"conv{index}", "conv", channels, out))
+            if self.norm != "none":
+                layers.append(LayerSpec(f"norm{index}", "norm", out, out))
+            channels, height, width = out, height // 2, width // 2
+        if height == 0 or width == 0:
+            msg = (
+                f"`input_shape` {self.input_shape} is too small for {len(self.channels)} "
+                f"2x2 max-pools; each side must be at least {2 ** len(self.channels)}."
+            )
+            raise ValueError(msg)
+        flat = (channels, height, width)
+        return [
+            *layers,
+            LayerSpec("fc1", "dense", channels * height * width, self.hidden, flatten_from=flat),
+            LayerSpec("fc2", "dense", self.hidden, self.num_classes),
+        ]
+
+    def norm_layers(self) -> list[str]:
+        """The canonical names of the norm layers."""
+        return [layer.name for layer in self.layers() if layer.kind == "norm"]
+
+    def layout(self) -> Layout:
+        """Every canonical tensor of the model, with its shape, role and layout kind."""
+        layout: Layout = {}
+        for layer in self.layers():
+            layout.update(self._layer_tensors(layer))
+        return layout
+
+    def _layer_tensors(self, layer: LayerSpec) -> Layout:
+        vector = TensorSpec((layer.out_features,), Role.SHARED)
+        if layer.kind == "conv":
+            kernel_shape = (layer.out_features, layer.in_features, 3, 3)
+            kernel = TensorSpec(kernel_shape, Role.SHARED, Kind.CONV_KERNEL)
+            return {f"{layer.name}.weight": kernel, f"{layer.name}.bias": vector}
+        if layer.kind == "dense":
+            kernel_shape = (layer.out_features, layer.in_features)
+            kernel = TensorSpec(kernel_shape, Role.SHARED, Kind.DENSE_KERNEL, layer.flatten_from)
+            return {f"{layer.name}.weight": kernel, f"{layer.name}.bias": vector}
+        tensors = {f"{layer.name}.weight": vector, f"{layer.name}.bias": vector}
+        if self.norm == "hbn":
+            statistic = TensorSpec((layer.out_features,), Role.STATISTICS)
+            tensors[f"{layer.name}.alpha"] = TensorSpec((layer.out_features,), Role.PERSONAL)
+            tensors[f"{layer.name}.global_mean"] = statistic
+            tensors[f"{layer.name}.global_var"] = statistic
+        elif self.norm == "bn":
+            tensors[f"{layer.name}.running_mean"] = vector
+            tensors[f"{layer.name}.running_var"] = vector
+        return tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDConfig:
+    r"""Local SGD, the same in every framework; a fresh optimiser (zero momentum) per call.
+
+    Per step, with gradient :math:`g` of the mean cross-entropy over the batch:
+    :math:`g \leftarrow g \cdot \min(1, c / \lVert g \rVert_2)` over all trainable tensors
+    (if ``clip_norm`` :math:`c` is set), then :math:`g \leftarrow g + \lambda w` (coupled
+    weight decay, as ``torch.optim.SGD``), :math:`b \leftarrow \mu b + g`,
+    :math:`w \leftarrow w - \eta b`. The trainable tensors are the ``shared`` parameters and
+    HBN's ``alpha``; BatchNorm running statistics follow their framework's update rule.
+    """
+
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+
+
+class TrainResult(NamedTuple):
+    """What one local training call did: summed batch-mean losses times batch sizes."""
+
+    loss_sum: float
+    examples: int
+    steps: int
+
+
+class EvalResult(NamedTuple):
+    """Summed cross-entropy, the number of correct predictions and of examples."""
+
+    loss_sum: float
+    correct: int
+    examples: int
+
+
+class FrameworkModel(Protocol):
+    """A reference model in one framework, as the federation drives it.
+
+    ``get_state`` and ``set_state`` speak the canonical layout of ``spec.layout()``: every
+    tensor, float32 NumPy. ``set_state`` resets framework-local buffers (``counter`` tensors,
+    torch's local running statistics), so nothing leaks from one client to the next.
+    """
+
+    spec: ModelSpec
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Every tensor of the canonical layout, as float32 NumPy."""
+        ...
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load every tensor of the canonical layout."""
+        ...
+
+    def collect_statistics(
+        self, inputs: Iterable[np.ndarray], mode: CollectionMode
+    ) -> dict[str, Moments]:
+        """Each HBN layer's exact input moments over ``inputs``, keyed by canonical layer name.
+
+        NumPy moments: int64 count of elements per channel, float64 mean and m2. The model's
+        state is unchanged.
+        """
+        ...
+
+    def train(self, batches: Iterable[Batch], sgd: SGDConfig) -> TrainResult:
+        """Train on ``batches`` with a fresh :class:`SGDConfig` optimiser, in training mode."""
+        ...
+
+    def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
+        """Cross-entropy and accuracy in inference mode (HBN: global statistics only)."""
+        ...
+
+
+def build_model(framework: str, spec: ModelSpec, *, seed: int) -> FrameworkModel:
+    """Build ``spec`` in ``framework`` (``"torch"``, ``"jax"`` or ``"keras"``), seeded.
+
+    Raises
+    ------
+    ValueError
+        If ``framework`` is not one of them.
+    ImportError
+        If the framework is not installed; the message names the extra to install.
+    """
+    if framework not in FRAMEWORKS:
+        msg = f"`framework` must be one of {list(FRAMEWORKS)}; got {framework!r}."
+        raise ValueError(msg)
+    extra = {"torch": "torch", "jax": "jax", "keras": "tf"}[framework]
+    try:
+        module = importlib.import_module(f"federation.models.{framework}_model")
+    except ImportError as error:
+        msg = f"the {framework} clients need their framework: pip install 'hbn[{extra}]' ({error})."
+        raise ImportError(msg) from error
+    model: FrameworkModel = module.build(spec, seed=seed)
+    return model

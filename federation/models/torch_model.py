@@ -1,0 +1,146 @@
+"""The reference models in PyTorch, behind :class:`federation.models.FrameworkModel`.
+
+Torch's ``state_dict`` names are the canonical names, and its layouts (OIHW, ``(out, in)``,
+NCHW) are the canonical layouts, so this adapter converts only dtypes. HBN layers are built with
+``track_running_stats=False``: in a federation their statistics are the server's global ones.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's own convention
+from torch import nn
+
+from backends import torch as hbn_torch
+from federation.models import (
+    GROUPS,
+    Batch,
+    CollectionMode,
+    EvalResult,
+    ModelSpec,
+    SGDConfig,
+    TrainResult,
+)
+from hbn_core import Moments
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+__all__ = ["TorchModel", "build"]
+
+
+def _norm(spec: ModelSpec, channels: int, *, spatial: bool) -> nn.Module:
+    if spec.norm == "hbn":
+        layer_type = hbn_torch.HybridBatchNorm2d if spatial else hbn_torch.HybridBatchNorm1d
+        return layer_type(channels, eps=spec.eps, track_running_stats=False)
+    if spec.norm == "bn":
+        return (nn.BatchNorm2d if spatial else nn.BatchNorm1d)(channels, eps=spec.eps)
+    if spec.norm in ("gn", "ln"):
+        return nn.GroupNorm(GROUPS[spec.norm], channels, eps=spec.eps)
+    return nn.Identity()
+
+
+class _Network(nn.Module):
+    """Simple-CNN or MLP, with the spec's canonical module names as attributes."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        for layer in spec.layers():
+            if layer.kind == "conv":
+                module: nn.Module = nn.Conv2d(layer.in_features, layer.out_features, 3, padding=1)
+            elif layer.kind == "dense":
+                module = nn.Linear(layer.in_features, layer.out_features)
+            else:
+                module = _norm(spec, layer.out_features, spatial=spec.architecture != "mlp")
+            self.add_module(layer.name, module)
+
+    def _norm_or_identity(self, name: str) -> nn.Module:
+        return getattr(self, name, nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.architecture == "mlp":
+            x = F.relu(self._norm_or_identity("norm1")(self.fc1(x.flatten(1))))
+            return self.fc2(x)
+        for index in range(1, len(self.spec.channels) + 1):
+            x = getattr(self, f"conv{index}")(x)
+            x = F.max_pool2d(F.relu(self._norm_or_identity(f"norm{index}")(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class TorchModel:
+    """A reference model in PyTorch (float32, CPU), driven by the federation."""
+
+    def __init__(self, spec: ModelSpec, *, seed: int) -> None:
+        self.spec = spec
+        self._layout = spec.layout()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.network = _Network(spec)
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Every canonical tensor, copied to float32 NumPy."""
+        state = self.network.state_dict()
+        return {name: state[name].detach().numpy().astype(np.float32) for name in self._layout}
+
+    @torch.no_grad()
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load every canonical tensor; reset the local counters (``num_batches_tracked``)."""
+        for module in self.network.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+        own = self.network.state_dict()
+        for name in self._layout:
+            own[name].copy_(torch.from_numpy(np.asarray(state[name], np.float32)))
+
+    @torch.no_grad()
+    def collect_statistics(
+        self, inputs: Iterable[np.ndarray], mode: CollectionMode
+    ) -> dict[str, Moments]:
+        """HBN input moments over ``inputs``, by :func:`backends.torch.collect_statistics`."""
+        self.network.eval()
+        with hbn_torch.collect_statistics(self.network, mode=mode) as collected:
+            for x in inputs:
+                self.network(torch.from_numpy(x))
+        return {name: Moments(*(t.numpy() for t in moments)) for name, moments in collected.items()}
+
+    def train(self, batches: Iterable[Batch], sgd: SGDConfig) -> TrainResult:
+        """SGD on ``batches`` with a fresh optimiser, as :class:`SGDConfig` says."""
+        self.network.train()
+        parameters = list(self.network.parameters())
+        optimizer = torch.optim.SGD(
+            parameters, lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay
+        )
+        loss_sum, examples, steps = 0.0, 0, 0
+        for x, y in batches:
+            loss = F.cross_entropy(self.network(torch.from_numpy(x)), torch.from_numpy(y))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if sgd.clip_norm is not None:
+                nn.utils.clip_grad_norm_(parameters, sgd.clip_norm)
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(y)
+            examples += len(y)
+            steps += 1
+        return TrainResult(loss_sum, examples, steps)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
+        """Summed cross-entropy and correct predictions in eval mode."""
+        self.network.eval()
+        loss_sum, correct, examples = 0.0, 0, 0
+        for x, y in batches:
+            logits = self.network(torch.from_numpy(x))
+            labels = torch.from_numpy(y)
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(1) == labels).sum())
+            examples += len(y)
+        return EvalResult(loss_sum, correct, examples)
+
+
+def build(spec: ModelSpec, *, seed: int) -> TorchModel:
+    """Build ``spec`` in PyTorch, its initial weights drawn from ``seed``."""
+    return TorchModel(spec, seed=seed)
