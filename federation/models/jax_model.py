@@ -1,0 +1,273 @@
+"""The reference models in Flax NNX, behind :class:`federation.models.FrameworkModel`.
+
+The network works channels-last: images arrive in canonical NCHW and are transposed to NHWC
+inside, and every tensor crosses the boundary through :func:`federation.layout.to_channels_last`
+and :func:`federation.layout.from_channels_last` (HWIO conv kernels, ``(in, out)`` dense
+kernels, and the flatten permutation of the first dense layer after a flatten). Its attributes
+carry the canonical layer names (``conv1``, ``norm1``, ``fc1``, ...); within a layer, Flax's
+names map to the canonical ones as below.
+
+==============================  ====================================================
+canonical                       Flax NNX
+==============================  ====================================================
+conv and dense ``weight``       ``kernel``
+norm ``weight``                 ``scale``
+BatchNorm ``running_mean/var``  ``mean``, ``var`` (``nnx.BatchStat``)
+HBN ``alpha``                   ``alpha`` (``nnx.Param``)
+HBN ``global_mean/var``         ``global_mean``, ``global_var`` (``GlobalStatistic``)
+==============================  ====================================================
+
+Training and evaluation run as :func:`jax.jit` functions of the split model state, compiled
+once per model structure, batch shape and optimiser structure (clipping on or off, momentum on or
+off): the learning rate and the other hyperparameters are traced arguments, so a new value does
+not recompile.
+
+Warnings
+--------
+A BatchNorm baseline's canonical ``running_var`` is what each framework tracks: Flax averages
+the biased batch variance into it, torch the unbiased one (``n / (n - 1)`` larger). The
+difference is left as it is; the running statistics only serve inference.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from backends import flax as hbn_flax
+from federation.layout import from_channels_last, to_channels_last
+from federation.models import (
+    GROUPS,
+    Batch,
+    CollectionMode,
+    EvalResult,
+    ModelSpec,
+    SGDConfig,
+    TrainResult,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from federation.models import LayerSpec
+    from hbn_core import Moments
+
+__all__ = ["JaxModel", "build"]
+
+# Flax's attribute for each canonical tensor name that differs from it, by layer kind.
+_FLAX_NAMES = {
+    "conv": {"weight": "kernel"},
+    "dense": {"weight": "kernel"},
+    "norm": {"weight": "scale", "running_mean": "mean", "running_var": "var"},
+}
+# torch's BatchNorm momentum 0.1 weights the new batch; Flax's momentum weights the old average.
+_BATCHNORM_MOMENTUM = 1.0 - 0.1
+
+
+def _norm(spec: ModelSpec, channels: int, rngs: nnx.Rngs) -> nnx.Module:
+    options: dict[str, Any] = {"epsilon": spec.eps, "param_dtype": jnp.float32, "rngs": rngs}
+    if spec.norm == "hbn":
+        return hbn_flax.HybridBatchNorm(channels, dtype=jnp.float32, **options)
+    # The two-pass variance (as torch computes it) rather than E[x^2] - E[x]^2: same maths,
+    # no cancellation in float32.
+    options.update(dtype=jnp.float32, use_fast_variance=False)
+    if spec.norm == "bn":
+        return nnx.BatchNorm(channels, momentum=_BATCHNORM_MOMENTUM, **options)
+    # "ln" is GroupNorm with one group (channels and space per example), not nnx.LayerNorm.
+    return nnx.GroupNorm(channels, num_groups=GROUPS[spec.norm], **options)
+
+
+def _layer(spec: ModelSpec, layer: LayerSpec, rngs: nnx.Rngs) -> nnx.Module:
+    dtypes = {"dtype": jnp.float32, "param_dtype": jnp.float32, "rngs": rngs}
+    if layer.kind == "conv":
+        # Explicit padding: "SAME" is torch's padding=1 only for odd kernels at stride 1.
+        padding = ((1, 1), (1, 1))
+        return nnx.Conv(layer.in_features, layer.out_features, (3, 3), padding=padding, **dtypes)
+    if layer.kind == "dense":
+        return nnx.Linear(layer.in_features, layer.out_features, **dtypes)
+    return _norm(spec, layer.out_features, rngs)
+
+
+class _Network(nnx.Module):
+    """Simple-CNN or MLP on NHWC inputs, with the spec's canonical layer names as attributes."""
+
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs) -> None:
+        self.mlp = spec.architecture == "mlp"
+        self.blocks = len(spec.channels)
+        for layer in spec.layers():
+            setattr(self, layer.name, _layer(spec, layer, rngs))
+
+    def _norm_or_identity(self, name: str, x: jax.Array) -> jax.Array:
+        norm = getattr(self, name, None)
+        return x if norm is None else norm(x)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.mlp:
+            x = nnx.relu(self._norm_or_identity("norm1", self.fc1(x.reshape(x.shape[0], -1))))
+            return self.fc2(x)
+        for index in range(1, self.blocks + 1):
+            x = nnx.relu(self._norm_or_identity(f"norm{index}", getattr(self, f"conv{index}")(x)))
+            x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+        return self.fc2(nnx.relu(self.fc1(x.reshape(x.shape[0], -1))))
+
+
+def _logits(network: _Network, images: jax.Array) -> jax.Array:
+    """The network on canonical NCHW images."""
+    return network(jnp.transpose(images, (0, 2, 3, 1)))
+
+
+class _Hyperparameters(NamedTuple):
+    """An :class:`SGDConfig` as float32 scalars; ``None`` leaves out a transformation."""
+
+    lr: jax.Array
+    weight_decay: jax.Array
+    momentum: jax.Array | None
+    clip_norm: jax.Array | None
+
+    @classmethod
+    def from_config(cls, sgd: SGDConfig) -> _Hyperparameters:
+        def scalar(value: float) -> jax.Array:
+            return jnp.asarray(value, jnp.float32)
+
+        return cls(
+            scalar(sgd.lr),
+            scalar(sgd.weight_decay),
+            scalar(sgd.momentum) if sgd.momentum else None,
+            None if sgd.clip_norm is None else scalar(sgd.clip_norm),
+        )
+
+
+def _optimizer(hyper: _Hyperparameters) -> optax.GradientTransformation:
+    """``torch.optim.SGD`` after ``clip_grad_norm_``: clip, then coupled decay, then momentum."""
+    if hyper.clip_norm is None:
+        clip = optax.identity()
+    else:
+        clip = optax.clip_by_global_norm(hyper.clip_norm)
+    return optax.chain(
+        clip,
+        optax.add_decayed_weights(hyper.weight_decay),
+        optax.sgd(hyper.lr, momentum=hyper.momentum),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _train_step(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    rest: nnx.State,
+    opt_state: optax.OptState,
+    images: jax.Array,
+    labels: jax.Array,
+    hyper: _Hyperparameters,
+) -> tuple[nnx.State, nnx.State, optax.OptState, jax.Array]:
+    """One SGD step on the mean cross-entropy; ``rest`` carries the updated BatchNorm stats."""
+
+    def loss_fn(params: nnx.State, rest: nnx.State) -> tuple[jax.Array, nnx.State]:
+        network = nnx.merge(graphdef, params, rest)
+        logits = _logits(network, images)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, nnx.split(network, nnx.Param, ...)[2]
+
+    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+    updates, opt_state = _optimizer(hyper).update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), rest, opt_state, loss
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _evaluate_batch(
+    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Summed cross-entropy and the number of correct predictions of one batch."""
+    logits = _logits(nnx.merge(graphdef, state), images)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+    return loss, (jnp.argmax(logits, axis=-1) == labels).sum()
+
+
+def _as_arrays(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = batch
+    return np.asarray(images, np.float32), np.asarray(labels, np.int32)
+
+
+class JaxModel:
+    """A reference model in Flax NNX (float32), driven by the federation.
+
+    HBN layers are :class:`backends.flax.HybridBatchNorm`; BatchNorm is ``nnx.BatchNorm`` with
+    momentum 0.9 (torch's 0.1); ``"gn"`` and ``"ln"`` are ``nnx.GroupNorm`` with 2 and 1 groups.
+    """
+
+    def __init__(self, spec: ModelSpec, *, seed: int) -> None:
+        self.spec = spec
+        self._layout = spec.layout()
+        self._kinds = {layer.name: layer.kind for layer in spec.layers()}
+        self.network = _Network(spec, rngs=nnx.Rngs(seed))
+
+    def _variable(self, name: str) -> nnx.Variable[jax.Array]:
+        layer, leaf = name.split(".")
+        attribute = _FLAX_NAMES[self._kinds[layer]].get(leaf, leaf)
+        return getattr(getattr(self.network, layer), attribute)
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Every canonical tensor, copied to float32 NumPy in canonical layout."""
+        return {
+            name: from_channels_last(np.asarray(self._variable(name)[...], np.float32), spec)
+            for name, spec in self._layout.items()
+        }
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load every canonical tensor (Flax keeps no framework-local counters)."""
+        for name, spec in self._layout.items():
+            value = to_channels_last(np.asarray(state[name], np.float32), spec)
+            self._variable(name)[...] = jnp.asarray(value, jnp.float32)
+
+    def collect_statistics(
+        self, inputs: Iterable[np.ndarray], mode: CollectionMode
+    ) -> dict[str, Moments]:
+        """HBN input moments over ``inputs``, by :func:`backends.flax.collect_statistics`.
+
+        The batches run eagerly. The HBN layers' paths in the network are their canonical names.
+        """
+        self.network.eval()
+        batches = (jnp.asarray(images, jnp.float32) for images in inputs)
+        return hbn_flax.collect_statistics(self.network, batches, mode=mode, forward=_logits)
+
+    def train(self, batches: Iterable[Batch], sgd: SGDConfig) -> TrainResult:
+        """SGD on ``batches`` with a fresh optimiser, as :class:`SGDConfig` says."""
+        self.network.train()
+        graphdef, params, rest = nnx.split(self.network, nnx.Param, ...)
+        hyper = _Hyperparameters.from_config(sgd)
+        opt_state = _optimizer(hyper).init(params)
+        losses, sizes = [], []
+        for batch in batches:
+            images, labels = _as_arrays(batch)
+            params, rest, opt_state, loss = _train_step(
+                graphdef, params, rest, opt_state, images, labels, hyper
+            )
+            losses.append(loss)
+            sizes.append(len(labels))
+        nnx.update(self.network, params, rest)
+        loss_sum = sum(float(loss) * size for loss, size in zip(losses, sizes, strict=True))
+        return TrainResult(loss_sum, sum(sizes), len(sizes))
+
+    def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
+        """Summed cross-entropy and correct predictions in inference mode."""
+        self.network.eval()
+        graphdef, state = nnx.split(self.network)
+        loss_sum, correct, examples = 0.0, 0, 0
+        for batch in batches:
+            images, labels = _as_arrays(batch)
+            loss, hits = _evaluate_batch(graphdef, state, images, labels)
+            loss_sum += float(loss)
+            correct += int(hits)
+            examples += len(labels)
+        return EvalResult(loss_sum, correct, examples)
+
+
+def build(spec: ModelSpec, *, seed: int) -> JaxModel:
+    """Build ``spec`` in Flax NNX, its initial weights drawn from ``seed``."""
+    return JaxModel(spec, seed=seed)
