@@ -168,13 +168,14 @@ def _train_step(
 ) -> tuple[nnx.State, nnx.State, optax.OptState, jax.Array]:
     """One SGD step on the mean cross-entropy; ``rest`` carries the updated BatchNorm stats."""
 
-    def loss_fn(params: nnx.State, rest: nnx.State) -> tuple[jax.Array, nnx.State]:
-        network = nnx.merge(graphdef, params, rest)
+    def loss_fn(params: nnx.State) -> tuple[jax.Array, nnx.State]:
+        # Fresh Variables at this trace level, so that BatchNorm may update its statistics.
+        network = nnx.merge(graphdef, params, rest, copy=True)
         logits = _logits(network, images)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, nnx.split(network, nnx.Param, ...)[2]
 
-    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = _optimizer(hyper).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), rest, opt_state, loss
 
