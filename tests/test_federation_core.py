@@ -1,4 +1,4 @@
-"""federation without a framework: layout conversion, data, aggregation, configuration, CLI errors."""
+"""federation without a framework: layout, data, aggregation, configuration, CLI errors."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_conv_kernels_go_to_hwio_and_back_exactly(shape, seed):
 def test_every_layout_tensor_round_trips_through_channels_last(architecture, norm):
     layout = ModelSpec(architecture, norm, (3, 11, 9), 5).layout()
     rng = np.random.default_rng(0)
-    for name, spec in layout.items():
+    for spec in layout.values():
         value = rng.normal(size=spec.shape).astype(np.float32)
         np.testing.assert_array_equal(
             from_channels_last(to_channels_last(value, spec), spec), value
@@ -79,7 +79,7 @@ def test_roles_come_from_layer_types():
 
 
 def test_too_small_images_are_refused():
-    with pytest.raises(ValueError, match="`input_shape` .* too small"):
+    with pytest.raises(ValueError, match=r"`input_shape` .* too small"):
         ModelSpec("simple-cnn", "hbn", (1, 4, 4), 10).layout()
 
 
