@@ -27,7 +27,7 @@ def run_pytest(session: nox.Session, *args: str, require: str) -> None:
 @nox.session(name="tests-core")
 def tests_core(session: nox.Session) -> None:
     """NumPy and array-api-strict only: the core, its errors, docs and README examples."""
-    session.install("-e", ".[test]")
+    session.install("-e", ".[federation,test]")
     run_pytest(
         session,
         "-m",
@@ -45,7 +45,7 @@ def tests_core(session: nox.Session) -> None:
 @nox.session(name="tests-torch")
 def tests_torch(session: nox.Session) -> None:
     """The core on PyTorch tensors, and the torch adapter (backends.torch)."""
-    session.install(TORCH, "-e", ".[torch,test]")
+    session.install(TORCH, "-e", ".[torch,federation,test]")
     run_pytest(
         session,
         "-m",
@@ -61,7 +61,7 @@ def tests_torch(session: nox.Session) -> None:
 @nox.session(name="tests-jax")
 def tests_jax(session: nox.Session) -> None:
     """The core on JAX arrays, and the Flax adapter (backends.flax)."""
-    session.install("-e", ".[jax,test]")
+    session.install("-e", ".[jax,federation,test]")
     run_pytest(
         session,
         "-m",
@@ -77,7 +77,7 @@ def tests_jax(session: nox.Session) -> None:
 @nox.session(name="tests-tf")
 def tests_tf(session: nox.Session) -> None:
     """The core on TensorFlow tensors through hbn_core.tf_namespace (and, later, Keras)."""
-    session.install("-e", ".[tf,test]")
+    session.install("-e", ".[tf,federation,test]")
     run_pytest(
         session,
         "-m",
