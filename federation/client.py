@@ -131,7 +131,7 @@ class Client:
         round succeeds, so that a failed round leaves every client as it was.
         """
         start = time.perf_counter()
-        layout = model.spec.layout()
+        layout = model.layout
         sgd = SGDConfig(lr, settings.momentum, settings.weight_decay, settings.clip_norm or None)
         epochs = [
             batch

@@ -35,12 +35,12 @@ from federation.layout import Role, check_state, select
 from federation.models import ModelSpec, build_model
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from federation.aggregate import GlobalStatistics, StatisticsReport
     from federation.client import Update
     from federation.config import Config
-    from federation.layout import State
+    from federation.layout import Layout, State
     from federation.models import FrameworkModel
 
 __all__ = ["Fault", "RoundFailedError", "RoundRecord", "Simulation"]
@@ -97,32 +97,39 @@ class Simulation:
         The checked configuration (:func:`federation.config.load_config`).
     dataset
         The data; by default the configured data set is loaded.
+    models
+        A model per framework the clients use, for models of your own (``config.model`` is
+        then ignored); by default the reference model is built in each framework. Every model
+        must have the same canonical layout.
+
+    Raises
+    ------
+    ValueError
+        If fewer than ``min_clients`` clients hold data, or ``models`` disagree on the layout
+        or lack a framework the configuration uses.
     """
 
-    def __init__(self, config: Config, *, dataset: Dataset | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        dataset: Dataset | None = None,
+        models: Mapping[str, FrameworkModel] | None = None,
+    ) -> None:
         self.config = config
         self.data = (
             dataset
             if dataset is not None
             else load_dataset(config.data.name, seed=config.seed, path=config.data.path)
         )
-        self.spec = ModelSpec(
-            config.model.architecture,
-            config.model.norm,
-            self.data.input_shape,
-            self.data.num_classes,
-            hidden=config.model.hidden,
-        )
-        self.layout = self.spec.layout()
-        self.hbn_layers = {
-            name: self.layout[f"{name}.global_mean"].shape[0]
-            for name in self.spec.norm_layers()
-            if config.model.norm == "hbn"
-        }
         frameworks = config.client_frameworks
-        self.models: dict[str, FrameworkModel] = {
-            name: build_model(name, self.spec, seed=config.seed)
-            for name in dict.fromkeys([config.eval_framework, *frameworks])
+        needed = list(dict.fromkeys([config.eval_framework, *frameworks]))
+        self.models = dict(models) if models is not None else self._reference_models(needed)
+        self.layout = _common_layout(self.models, needed)
+        self.hbn_layers = {
+            name.removesuffix(".global_mean"): spec.shape[0]
+            for name, spec in self.layout.items()
+            if spec.role is Role.STATISTICS and name.endswith(".global_mean")
         }
         initial = self.models[config.eval_framework].get_state()
         self.global_state: State = {
@@ -150,6 +157,17 @@ class Simulation:
                 f"{config.clients.min_clients}; lower it or change the partition."
             )
             raise ValueError(msg)
+
+    def _reference_models(self, frameworks: list[str]) -> dict[str, FrameworkModel]:
+        model = self.config.model
+        spec = ModelSpec(
+            model.architecture,
+            model.norm,
+            self.data.input_shape,
+            self.data.num_classes,
+            hidden=model.hidden,
+        )
+        return {name: build_model(name, spec, seed=self.config.seed) for name in frameworks}
 
     def _rng(self, stream: Stream, round_index: int, client: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.config.seed, stream, round_index, client])
@@ -395,6 +413,22 @@ class Simulation:
             "last10_ci95": float(half_width) if len(last) else None,
             "faults": sum(len(r.faults) for r in self.history),
         }
+
+
+def _common_layout(models: Mapping[str, FrameworkModel], frameworks: list[str]) -> Layout:
+    missing = [name for name in frameworks if name not in models]
+    if missing:
+        msg = f"`models` must hold a model for every framework in use; missing {missing}."
+        raise ValueError(msg)
+    layout = models[frameworks[0]].layout
+    for name in frameworks[1:]:
+        if models[name].layout != layout:
+            msg = (
+                f"`models` must share one canonical layout; {name}'s differs from "
+                f"{frameworks[0]}'s."
+            )
+            raise ValueError(msg)
+    return layout
 
 
 def _statistics_state(statistics: GlobalStatistics) -> State:

@@ -203,12 +203,14 @@ class EvalResult(NamedTuple):
 class FrameworkModel(Protocol):
     """A reference model in one framework, as the federation drives it.
 
-    ``get_state`` and ``set_state`` speak the canonical layout of ``spec.layout()``: every
-    tensor, float32 NumPy. ``set_state`` resets framework-local buffers (``counter`` tensors,
-    torch's local running statistics), so nothing leaks from one client to the next.
+    ``get_state`` and ``set_state`` speak the canonical ``layout``: every tensor, float32
+    NumPy. ``set_state`` resets framework-local buffers (``counter`` tensors such as torch's
+    ``num_batches_tracked``), so nothing leaks from one client to the next. The reference
+    models implement it for every framework (:func:`build_model`); a model of your own needs
+    only these five methods and its ``layout`` (see ``docs/federation.md``).
     """
 
-    spec: ModelSpec
+    layout: Layout
 
     def get_state(self) -> dict[str, np.ndarray]:
         """Every tensor of the canonical layout, as float32 NumPy."""

@@ -76,7 +76,7 @@ class TorchModel:
 
     def __init__(self, spec: ModelSpec, *, seed: int) -> None:
         self.spec = spec
-        self._layout = spec.layout()
+        self.layout = spec.layout()
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.network = _Network(spec)
@@ -84,7 +84,7 @@ class TorchModel:
     def get_state(self) -> dict[str, np.ndarray]:
         """Every canonical tensor, copied to float32 NumPy."""
         state = self.network.state_dict()
-        return {name: state[name].detach().numpy().astype(np.float32) for name in self._layout}
+        return {name: state[name].detach().numpy().astype(np.float32) for name in self.layout}
 
     @torch.no_grad()
     def set_state(self, state: Mapping[str, np.ndarray]) -> None:
@@ -93,7 +93,7 @@ class TorchModel:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.reset_running_stats()
         own = self.network.state_dict()
-        for name in self._layout:
+        for name in self.layout:
             own[name].copy_(torch.from_numpy(np.asarray(state[name], np.float32)))
 
     @torch.no_grad()
