@@ -73,6 +73,7 @@ DOCTEST_MARKERS = {
     ("hbn_core", "tf_namespace.py"): pytest.mark.tf,
     ("backends", "torch.py"): pytest.mark.torch,
     ("backends", "torch.md"): pytest.mark.torch,
+    ("docs", "federation.md"): pytest.mark.torch,
     ("flax", "__init__.py"): pytest.mark.jax,
     ("flax", "linen.py"): pytest.mark.jax,
     ("backends", "flax.md"): pytest.mark.jax,

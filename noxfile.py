@@ -54,6 +54,7 @@ def tests_torch(session: nox.Session) -> None:
         "tests",
         "backends/torch.py",
         "docs/backends/torch.md",
+        "docs/federation.md",
         require="torch",
     )
 
