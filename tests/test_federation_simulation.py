@@ -311,3 +311,28 @@ def test_too_few_valid_clients_fail_the_round_and_change_nothing():
         np.testing.assert_array_equal(simulation.global_state[name], value)
     for personal, client in zip(before[1], simulation.clients, strict=True):
         assert all(np.array_equal(personal[k], client.personal[k]) for k in personal)
+
+
+def test_a_model_of_your_own_replaces_the_reference_model():
+    from federation.models import ModelSpec
+    from federation.models.torch_model import TorchModel
+
+    mine = TorchModel(ModelSpec("mlp", "hbn", (1, 8, 8), 4, hidden=8), seed=1)
+    simulation = Simulation(small_config(), dataset=DATA, models={"torch": mine})
+    record = simulation.run_round()
+    assert record.trained_clients == [0, 1, 2, 3]
+    assert simulation.global_state["fc1.weight"].shape == (8, 64)
+    assert set(simulation.hbn_layers) == {"norm1"}
+
+
+def test_models_of_your_own_must_cover_the_frameworks_and_share_a_layout():
+    from federation.models import ModelSpec
+    from federation.models.torch_model import TorchModel
+
+    config = small_config(clients={"frameworks": {"torch": 2, "jax": 2}})
+    small = TorchModel(ModelSpec("mlp", "hbn", (1, 8, 8), 4, hidden=8), seed=1)
+    wide = TorchModel(ModelSpec("mlp", "hbn", (1, 8, 8), 4, hidden=9), seed=1)
+    with pytest.raises(ValueError, match=r"missing \['jax'\]"):
+        Simulation(config, dataset=DATA, models={"torch": small})
+    with pytest.raises(ValueError, match="share one canonical layout; jax's differs"):
+        Simulation(config, dataset=DATA, models={"torch": small, "jax": wide})
