@@ -17,10 +17,10 @@ HBN ``alpha``                   ``alpha`` (``nnx.Param``)
 HBN ``global_mean/var``         ``global_mean``, ``global_var`` (``GlobalStatistic``)
 ==============================  ====================================================
 
-Training and evaluation run as :func:`jax.jit` functions of the split model state, compiled
-once per model structure, batch shape and optimiser structure (clipping on or off, momentum on or
-off): the learning rate and the other hyperparameters are traced arguments, so a new value does
-not recompile.
+Training and evaluation run as module-level :func:`jax.jit` functions of the split model state,
+so every model of one spec shares them. They compile once per spec, batch shape and optimiser
+structure (clipping on or off, momentum on or off): the learning rate and the other
+hyperparameters are traced arguments, so a new value does not recompile.
 
 Warnings
 --------
@@ -204,7 +204,7 @@ class JaxModel:
 
     def __init__(self, spec: ModelSpec, *, seed: int) -> None:
         self.spec = spec
-        self._layout = spec.layout()
+        self.layout = spec.layout()
         self._kinds = {layer.name: layer.kind for layer in spec.layers()}
         self.network = _Network(spec, rngs=nnx.Rngs(seed))
 
@@ -217,12 +217,12 @@ class JaxModel:
         """Every canonical tensor, copied to float32 NumPy in canonical layout."""
         return {
             name: from_channels_last(np.asarray(self._variable(name)[...], np.float32), spec)
-            for name, spec in self._layout.items()
+            for name, spec in self.layout.items()
         }
 
     def set_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Load every canonical tensor (Flax keeps no framework-local counters)."""
-        for name, spec in self._layout.items():
+        for name, spec in self.layout.items():
             value = to_channels_last(np.asarray(state[name], np.float32), spec)
             self._variable(name)[...] = jnp.asarray(value, jnp.float32)
 
