@@ -47,7 +47,7 @@ def save_checkpoint(simulation: Simulation, path: str | os.PathLike[str]) -> Non
     arrays[_META] = np.asarray(json.dumps(meta))
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as file:
-        np.savez(file, **arrays)
+        np.savez(file, allow_pickle=False, **arrays)
         file.flush()
         os.fsync(file.fileno())
     os.replace(file.name, path)

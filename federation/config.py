@@ -232,7 +232,7 @@ def parse_config(table: dict[str, Any], overrides: Sequence[str] = ()) -> Config
         msg = f"`protocol` must be one of {list(PRESETS)}; got {protocol!r}."
         raise ConfigError(msg)
     table = _merged(PRESETS[protocol], [table])
-    config = _build(Config, table, prefix="")
+    config: Config = _build(Config, table, prefix="")
     _check(config)
     return config
 
@@ -285,7 +285,7 @@ def _build(cls: type[Any], table: Any, *, prefix: str) -> Any:
     values = {}
     for name, value in table.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value, prefix=f"{prefix}{name}.")
         else:
             values[name] = _coerce(f"{prefix}{name}", value, hint)

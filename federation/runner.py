@@ -124,10 +124,11 @@ def plot_accuracy(history: list[RoundRecord], path: pathlib.Path, *, title: str)
     """Test accuracy per evaluated round, as a PNG (matplotlib, no display needed)."""
     from matplotlib.figure import Figure  # a Figure, not pyplot: no global backend change
 
-    evaluated = [r for r in history if r.accuracy is not None]
+    rounds = [r.round for r in history if r.accuracy is not None]
+    accuracies = [r.accuracy for r in history if r.accuracy is not None]
     figure = Figure(figsize=(6, 4))
     axis = figure.subplots()
-    axis.plot([r.round for r in evaluated], [r.accuracy for r in evaluated], marker="o")
+    axis.plot(rounds, accuracies, marker="o")
     axis.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1))
     axis.set_title(title, fontsize=8)
     axis.grid(alpha=0.3)

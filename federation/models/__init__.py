@@ -147,12 +147,12 @@ class ModelSpec:
     def _layer_tensors(self, layer: LayerSpec) -> Layout:
         vector = TensorSpec((layer.out_features,), Role.SHARED)
         if layer.kind == "conv":
-            kernel_shape = (layer.out_features, layer.in_features, 3, 3)
-            kernel = TensorSpec(kernel_shape, Role.SHARED, Kind.CONV_KERNEL)
+            conv_shape = (layer.out_features, layer.in_features, 3, 3)
+            kernel = TensorSpec(conv_shape, Role.SHARED, Kind.CONV_KERNEL)
             return {f"{layer.name}.weight": kernel, f"{layer.name}.bias": vector}
         if layer.kind == "dense":
-            kernel_shape = (layer.out_features, layer.in_features)
-            kernel = TensorSpec(kernel_shape, Role.SHARED, Kind.DENSE_KERNEL, layer.flatten_from)
+            dense_shape = (layer.out_features, layer.in_features)
+            kernel = TensorSpec(dense_shape, Role.SHARED, Kind.DENSE_KERNEL, layer.flatten_from)
             return {f"{layer.name}.weight": kernel, f"{layer.name}.bias": vector}
         tensors = {f"{layer.name}.weight": vector, f"{layer.name}.bias": vector}
         if self.norm == "hbn":
