@@ -99,7 +99,7 @@ def tests_cross(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Ruff (lint and format) on the repository, mypy --strict on hbn_core."""
+    """Ruff (lint and format) on the repository; mypy --strict on hbn_core and federation."""
     session.install("-e", ".[dev]")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
