@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -328,3 +330,26 @@ def test_the_command_refuses_a_bad_config_before_training(tmp_path, capsys):
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
     assert "`train.lr` must be a float; got 'fast'" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+def test_idx_files_are_read_as_the_mnist_format_says(monkeypatch, tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 3, 4), dtype=np.uint8)
+    labels = np.arange(5, dtype=np.uint8) % 2
+    test_images, test_labels = images[:2], labels[:2]
+
+    def write(name: str, array: np.ndarray) -> None:
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+        with gzip.open(tmp_path / name, "wb") as file:
+            file.write(header + array.tobytes())
+
+    write("train-images-idx3-ubyte.gz", images)
+    write("train-labels-idx1-ubyte.gz", labels)
+    write("t10k-images-idx3-ubyte.gz", test_images)
+    write("t10k-labels-idx1-ubyte.gz", test_labels)
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
+    loaded = data.load_dataset("fashion-mnist")
+    assert loaded.input_shape == (1, 3, 4)
+    np.testing.assert_array_equal(loaded.y_train, labels)
+    standardised = (images - images.mean()) / images.std()
+    np.testing.assert_allclose(loaded.x_train[:, 0], standardised, rtol=1e-5, atol=1e-6)

@@ -336,3 +336,28 @@ def test_models_of_your_own_must_cover_the_frameworks_and_share_a_layout():
         Simulation(config, dataset=DATA, models={"torch": small})
     with pytest.raises(ValueError, match="share one canonical layout; jax's differs"):
         Simulation(config, dataset=DATA, models={"torch": small, "jax": wide})
+
+
+def test_hybrid_recorded_statistics_mix_batch_and_global_with_the_clients_alpha():
+    """The authors' reports (D2): (1 - w) batch + w global, w = sigmoid(alpha) of the client."""
+    simulation = Simulation(small_config(), dataset=DATA)
+    rng = np.random.default_rng(0)
+    state = {**simulation.global_state, **simulation.initial_personal}
+    channels = state["norm1.alpha"].shape[0]
+    state["norm1.alpha"] = rng.normal(size=channels).astype(np.float32)
+    state["norm1.global_mean"] = rng.normal(size=channels).astype(np.float32)
+    state["norm1.global_var"] = rng.uniform(0.5, 2, size=channels).astype(np.float32)
+    client = simulation.clients[0]
+    model = simulation.models["torch"]
+
+    def report(recorded: str) -> Moments:
+        settings_ = StatisticsConfig(recorded=recorded, shuffle=False)
+        return client.collect_statistics(model, state, DATA, settings_, rng).moments["norm1"]
+
+    batch, hybrid = report("batch"), report("hybrid")
+    w = 1 / (1 + np.exp(-state["norm1.alpha"].astype(np.float64)))
+    expected_mean = (1 - w) * batch.mean + w * state["norm1.global_mean"]
+    expected_var = (1 - w) * batch.m2 / batch.count + w * state["norm1.global_var"]
+    assert hybrid.count == batch.count
+    np.testing.assert_allclose(hybrid.mean, expected_mean, rtol=1e-6)
+    np.testing.assert_allclose(hybrid.m2 / hybrid.count, expected_var, rtol=1e-6)
