@@ -70,7 +70,7 @@ def check_statistics_report(report: StatisticsReport, num_features: Mapping[str,
 def fedavg(states: Sequence[State], weights: Sequence[int]) -> State:
     r"""The weighted average :math:`\sum_k n_k w_k / \sum_k n_k` of each tensor, in float64.
 
-    Returns float32 tensors. ``states`` must share their keys and shapes (checked upstream).
+    Each tensor keeps its dtype. ``states`` must share keys, shapes and dtypes (checked upstream).
 
     Raises
     ------
@@ -91,7 +91,7 @@ def fedavg(states: Sequence[State], weights: Sequence[int]) -> State:
     return {
         name: np.tensordot(
             fractions, np.stack([s[name] for s in states]).astype(np.float64), 1
-        ).astype(np.float32)
+        ).astype(states[0][name].dtype)
         for name in states[0]
     }
 

@@ -56,11 +56,15 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """``[model]``: a reference model (see :class:`federation.models.ModelSpec`)."""
+    """``[model]``: a reference model (see :class:`federation.models.ModelSpec`).
+
+    ``dtype = "float64"`` serves checks that frameworks agree to rounding; float32 is the norm.
+    """
 
     architecture: Literal["simple-cnn", "mlp"] = "simple-cnn"
     norm: Literal["hbn", "bn", "gn", "ln", "none"] = "hbn"
     hidden: int = 128
+    dtype: Literal["float32", "float64"] = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

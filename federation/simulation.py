@@ -166,6 +166,7 @@ class Simulation:
             self.data.input_shape,
             self.data.num_classes,
             hidden=model.hidden,
+            dtype=model.dtype,
         )
         return {name: build_model(name, spec, seed=self.config.seed) for name in frameworks}
 
@@ -332,7 +333,7 @@ class Simulation:
             blended = aggregate.blend_statistics(
                 self.global_statistics(), pooled, self.config.statistics.momentum
             )
-            new_global |= _statistics_state(blended)
+            new_global |= _statistics_state(blended, self.global_state)
         if self.config.alpha.policy == "averaged":
             new_global |= {name: shared[name] for name in select(self.layout, Role.PERSONAL)}
         return new_global
@@ -377,7 +378,7 @@ class Simulation:
                 round_index, sampled, faults, None, stream=Stream.SYNC_STATISTICS
             )
             pooled = aggregate.pool_statistics(list(reports.values()), self.config.statistics)
-            state = {**state, **_statistics_state(pooled)}
+            state = {**state, **_statistics_state(pooled, state)}
         model = self.models[self.config.eval_framework]
         model.set_state({**state, **self.initial_personal})
         result = model.evaluate(
@@ -431,11 +432,12 @@ def _common_layout(models: Mapping[str, FrameworkModel], frameworks: list[str]) 
     return layout
 
 
-def _statistics_state(statistics: GlobalStatistics) -> State:
+def _statistics_state(statistics: GlobalStatistics, current: State) -> State:
+    """The global statistics as state tensors, in the dtype of the ``current`` ones."""
     state: State = {}
     for name, (mean, var) in statistics.items():
-        state[f"{name}.global_mean"] = mean.astype(np.float32)
-        state[f"{name}.global_var"] = var.astype(np.float32)
+        state[f"{name}.global_mean"] = mean.astype(current[f"{name}.global_mean"].dtype)
+        state[f"{name}.global_var"] = var.astype(current[f"{name}.global_var"].dtype)
     return state
 
 

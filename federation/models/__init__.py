@@ -5,7 +5,7 @@ a framework: its layers and its canonical :data:`~federation.layout.Layout`. Eac
 builds the same model from the spec (:func:`build_model`) behind the :class:`FrameworkModel`
 protocol, which is all the federation needs from a framework: load and export canonical state,
 collect HBN statistics, train with SGD and evaluate. Batches are NumPy in canonical layout:
-images ``(N, C, H, W)`` float32, labels ``(N,)`` int64.
+images ``(N, C, H, W)`` float32 (a model casts them to its dtype), labels ``(N,)`` int64.
 
 Importing this module imports no framework; :func:`build_model` imports the one it needs.
 """
@@ -41,7 +41,7 @@ Norm = Literal["hbn", "bn", "gn", "ln", "none"]
 Framework = Literal["torch", "jax", "keras"]
 CollectionMode = Literal["hybrid", "global"]
 FRAMEWORKS: tuple[str, ...] = get_args(Framework)
-Batch = tuple["np.ndarray", "np.ndarray"]  # images (N, C, H, W) float32, labels (N,) int64
+Batch = tuple["np.ndarray", "np.ndarray"]  # images (N, C, H, W) float, labels (N,) int64
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 NORMS: tuple[str, ...] = get_args(Norm)
 
@@ -89,6 +89,9 @@ class ModelSpec:
         The Simple-CNN's conv widths.
     eps
         The norm layers' epsilon; 1e-5 in every framework, so that they agree.
+    dtype
+        The parameters' and activations' dtype, ``"float32"`` or ``"float64"`` (for checking
+        that frameworks agree to rounding; JAX needs ``jax_enable_x64`` for it).
     """
 
     architecture: Architecture
@@ -98,6 +101,7 @@ class ModelSpec:
     hidden: int = 128
     channels: tuple[int, ...] = (16, 32, 64)
     eps: float = 1e-5
+    dtype: Literal["float32", "float64"] = "float32"
 
     def layers(self) -> list[LayerSpec]:
         """The layers, in forward order, with their canonical names."""
@@ -203,9 +207,10 @@ class EvalResult(NamedTuple):
 class FrameworkModel(Protocol):
     """A reference model in one framework, as the federation drives it.
 
-    ``get_state`` and ``set_state`` speak the canonical ``layout``: every tensor, float32
-    NumPy. ``set_state`` resets framework-local buffers (``counter`` tensors such as torch's
-    ``num_batches_tracked``), so nothing leaks from one client to the next. The reference
+    ``get_state`` and ``set_state`` speak the canonical ``layout``: every tensor, NumPy in the
+    model's dtype (float32 unless the spec says float64). ``set_state`` resets framework-local
+    buffers (``counter`` tensors such as torch's ``num_batches_tracked``), so nothing leaks
+    from one client to the next. The reference
     models implement it for every framework (:func:`build_model`); a model of your own needs
     only these five methods and its ``layout`` (see ``docs/federation.md``).
     """
@@ -213,7 +218,7 @@ class FrameworkModel(Protocol):
     layout: Layout
 
     def get_state(self) -> dict[str, np.ndarray]:
-        """Every tensor of the canonical layout, as float32 NumPy."""
+        """Every tensor of the canonical layout, as NumPy in the model's dtype."""
         ...
 
     def set_state(self, state: Mapping[str, np.ndarray]) -> None:

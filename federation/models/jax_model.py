@@ -71,12 +71,13 @@ _BATCHNORM_MOMENTUM = 1.0 - 0.1
 
 
 def _norm(spec: ModelSpec, channels: int, rngs: nnx.Rngs) -> nnx.Module:
-    options: dict[str, Any] = {"epsilon": spec.eps, "param_dtype": jnp.float32, "rngs": rngs}
+    dtype = jnp.dtype(spec.dtype)
+    options: dict[str, Any] = {"epsilon": spec.eps, "param_dtype": dtype, "rngs": rngs}
     if spec.norm == "hbn":
-        return hbn_flax.HybridBatchNorm(channels, dtype=jnp.float32, **options)
+        return hbn_flax.HybridBatchNorm(channels, dtype=dtype, **options)
     # The two-pass variance (as torch computes it) rather than E[x^2] - E[x]^2: same maths,
     # no cancellation in float32.
-    options.update(dtype=jnp.float32, use_fast_variance=False)
+    options.update(dtype=dtype, use_fast_variance=False)
     if spec.norm == "bn":
         return nnx.BatchNorm(channels, momentum=_BATCHNORM_MOMENTUM, **options)
     # "ln" is GroupNorm with one group (channels and space per example), not nnx.LayerNorm.
@@ -84,7 +85,8 @@ def _norm(spec: ModelSpec, channels: int, rngs: nnx.Rngs) -> nnx.Module:
 
 
 def _layer(spec: ModelSpec, layer: LayerSpec, rngs: nnx.Rngs) -> nnx.Module:
-    dtypes = {"dtype": jnp.float32, "param_dtype": jnp.float32, "rngs": rngs}
+    dtype = jnp.dtype(spec.dtype)
+    dtypes = {"dtype": dtype, "param_dtype": dtype, "rngs": rngs}
     if layer.kind == "conv":
         # Explicit padding: "SAME" is torch's padding=1 only for odd kernels at stride 1.
         padding = ((1, 1), (1, 1))
@@ -123,7 +125,7 @@ def _logits(network: _Network, images: jax.Array) -> jax.Array:
 
 
 class _Hyperparameters(NamedTuple):
-    """An :class:`SGDConfig` as float32 scalars; ``None`` leaves out a transformation."""
+    """An :class:`SGDConfig` as scalars of the model's dtype; ``None`` leaves out a step."""
 
     lr: jax.Array
     weight_decay: jax.Array
@@ -131,9 +133,9 @@ class _Hyperparameters(NamedTuple):
     clip_norm: jax.Array | None
 
     @classmethod
-    def from_config(cls, sgd: SGDConfig) -> _Hyperparameters:
+    def from_config(cls, sgd: SGDConfig, dtype: str) -> _Hyperparameters:
         def scalar(value: float) -> jax.Array:
-            return jnp.asarray(value, jnp.float32)
+            return jnp.asarray(value, dtype)
 
         return cls(
             scalar(sgd.lr),
@@ -190,19 +192,22 @@ def _evaluate_batch(
     return loss, (jnp.argmax(logits, axis=-1) == labels).sum()
 
 
-def _as_arrays(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+def _as_arrays(batch: Batch, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = batch
-    return np.asarray(images, np.float32), np.asarray(labels, np.int32)
+    return np.asarray(images, dtype), np.asarray(labels, np.int32)
 
 
 class JaxModel:
-    """A reference model in Flax NNX (float32), driven by the federation.
+    """A reference model in Flax NNX (in the spec's dtype), driven by the federation.
 
     HBN layers are :class:`backends.flax.HybridBatchNorm`; BatchNorm is ``nnx.BatchNorm`` with
     momentum 0.9 (torch's 0.1); ``"gn"`` and ``"ln"`` are ``nnx.GroupNorm`` with 2 and 1 groups.
     """
 
     def __init__(self, spec: ModelSpec, *, seed: int) -> None:
+        if spec.dtype == "float64" and not jax.config.read("jax_enable_x64"):
+            msg = "a float64 model in JAX needs jax.config.update('jax_enable_x64', True) first."
+            raise ValueError(msg)
         self.spec = spec
         self.layout = spec.layout()
         self._kinds = {layer.name: layer.kind for layer in spec.layers()}
@@ -214,17 +219,17 @@ class JaxModel:
         return getattr(getattr(self.network, layer), attribute)
 
     def get_state(self) -> dict[str, np.ndarray]:
-        """Every canonical tensor, copied to float32 NumPy in canonical layout."""
+        """Every canonical tensor, copied to NumPy in canonical layout."""
         return {
-            name: from_channels_last(np.asarray(self._variable(name)[...], np.float32), spec)
+            name: from_channels_last(np.asarray(self._variable(name)[...], self.spec.dtype), spec)
             for name, spec in self.layout.items()
         }
 
     def set_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Load every canonical tensor (Flax keeps no framework-local counters)."""
         for name, spec in self.layout.items():
-            value = to_channels_last(np.asarray(state[name], np.float32), spec)
-            self._variable(name)[...] = jnp.asarray(value, jnp.float32)
+            value = to_channels_last(np.asarray(state[name], self.spec.dtype), spec)
+            self._variable(name)[...] = jnp.asarray(value, self.spec.dtype)
 
     def collect_statistics(
         self, inputs: Iterable[np.ndarray], mode: CollectionMode
@@ -234,18 +239,18 @@ class JaxModel:
         The batches run eagerly. The HBN layers' paths in the network are their canonical names.
         """
         self.network.eval()
-        batches = (jnp.asarray(images, jnp.float32) for images in inputs)
+        batches = (jnp.asarray(images, self.spec.dtype) for images in inputs)
         return hbn_flax.collect_statistics(self.network, batches, mode=mode, forward=_logits)
 
     def train(self, batches: Iterable[Batch], sgd: SGDConfig) -> TrainResult:
         """SGD on ``batches`` with a fresh optimiser, as :class:`SGDConfig` says."""
         self.network.train()
         graphdef, params, rest = nnx.split(self.network, nnx.Param, ...)
-        hyper = _Hyperparameters.from_config(sgd)
+        hyper = _Hyperparameters.from_config(sgd, self.spec.dtype)
         opt_state = _optimizer(hyper).init(params)
         losses, sizes = [], []
         for batch in batches:
-            images, labels = _as_arrays(batch)
+            images, labels = _as_arrays(batch, self.spec.dtype)
             params, rest, opt_state, loss = _train_step(
                 graphdef, params, rest, opt_state, images, labels, hyper
             )
@@ -261,7 +266,7 @@ class JaxModel:
         graphdef, state = nnx.split(self.network)
         loss_sum, correct, examples = 0.0, 0, 0
         for batch in batches:
-            images, labels = _as_arrays(batch)
+            images, labels = _as_arrays(batch, self.spec.dtype)
             loss, hits = _evaluate_batch(graphdef, state, images, labels)
             loss_sum += float(loss)
             correct += int(hits)

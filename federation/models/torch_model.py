@@ -72,19 +72,22 @@ class _Network(nn.Module):
 
 
 class TorchModel:
-    """A reference model in PyTorch (float32, CPU), driven by the federation."""
+    """A reference model in PyTorch (CPU, in the spec's dtype), driven by the federation."""
 
     def __init__(self, spec: ModelSpec, *, seed: int) -> None:
         self.spec = spec
         self.layout = spec.layout()
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.network = _Network(spec)
+            self.network = _Network(spec).to(getattr(torch, spec.dtype))
+
+    def _tensor(self, images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(images, self.spec.dtype))
 
     def get_state(self) -> dict[str, np.ndarray]:
-        """Every canonical tensor, copied to float32 NumPy."""
+        """Every canonical tensor, copied to NumPy."""
         state = self.network.state_dict()
-        return {name: state[name].detach().numpy().astype(np.float32) for name in self.layout}
+        return {name: state[name].detach().numpy().copy() for name in self.layout}
 
     @torch.no_grad()
     def set_state(self, state: Mapping[str, np.ndarray]) -> None:
@@ -94,7 +97,7 @@ class TorchModel:
                 module.reset_running_stats()
         own = self.network.state_dict()
         for name in self.layout:
-            own[name].copy_(torch.from_numpy(np.asarray(state[name], np.float32)))
+            own[name].copy_(torch.from_numpy(np.asarray(state[name], self.spec.dtype)))
 
     @torch.no_grad()
     def collect_statistics(
@@ -104,7 +107,7 @@ class TorchModel:
         self.network.eval()
         with hbn_torch.collect_statistics(self.network, mode=mode) as collected:
             for x in inputs:
-                self.network(torch.from_numpy(x))
+                self.network(self._tensor(x))
         return {name: Moments(*(t.numpy() for t in moments)) for name, moments in collected.items()}
 
     def train(self, batches: Iterable[Batch], sgd: SGDConfig) -> TrainResult:
@@ -116,7 +119,7 @@ class TorchModel:
         )
         loss_sum, examples, steps = 0.0, 0, 0
         for x, y in batches:
-            loss = F.cross_entropy(self.network(torch.from_numpy(x)), torch.from_numpy(y))
+            loss = F.cross_entropy(self.network(self._tensor(x)), torch.from_numpy(y))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if sgd.clip_norm is not None:
@@ -133,7 +136,7 @@ class TorchModel:
         self.network.eval()
         loss_sum, correct, examples = 0.0, 0, 0
         for x, y in batches:
-            logits = self.network(torch.from_numpy(x))
+            logits = self.network(self._tensor(x))
             labels = torch.from_numpy(y)
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(1) == labels).sum())
