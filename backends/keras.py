@@ -23,6 +23,7 @@ Examples
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 import keras
@@ -364,7 +365,7 @@ def collect_statistics(
 
     def recorder(name: str, axis: int) -> Callable[[Any], None]:
         def record(inputs: Any) -> None:
-            data = np.asarray(ops.convert_to_numpy(inputs), np.float64)
+            data = np.asarray(_to_numpy(inputs), np.float64)
             total = totals.get(name, _empty_moments(data.shape[axis]))
             totals[name] = hbn_core.merge_moments(total, hbn_core.moments(data, channel_axis=axis))
 
@@ -380,6 +381,19 @@ def collect_statistics(
     return {
         name: totals.get(name, _empty_moments(layer.num_features or 0)) for name, layer in layers
     }
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """``keras.ops.convert_to_numpy(x)``, less the warning NumPy 2 gives for its ``np.array(x)``.
+
+    Keras' torch backend converts with ``np.array(tensor)``, and torch's ``__array__`` takes no
+    ``copy`` argument, which NumPy 2 reports as a DeprecationWarning on every call.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "__array__ implementation doesn't accept a copy keyword", DeprecationWarning
+        )
+        return np.asarray(ops.convert_to_numpy(x))
 
 
 def _empty_moments(num_features: int) -> Moments:
