@@ -77,6 +77,8 @@ DOCTEST_MARKERS = {
     ("flax", "__init__.py"): pytest.mark.jax,
     ("flax", "linen.py"): pytest.mark.jax,
     ("backends", "flax.md"): pytest.mark.jax,
+    ("backends", "keras.py"): pytest.mark.tf,
+    ("backends", "keras.md"): pytest.mark.tf,
 }
 
 

@@ -77,7 +77,7 @@ def tests_jax(session: nox.Session) -> None:
 
 @nox.session(name="tests-tf")
 def tests_tf(session: nox.Session) -> None:
-    """The core on TensorFlow tensors through hbn_core.tf_namespace (and, later, Keras)."""
+    """The core on TensorFlow tensors, and backends.keras on Keras' TensorFlow backend."""
     session.install("-e", ".[tf,federation,test]")
     run_pytest(
         session,
@@ -86,13 +86,15 @@ def tests_tf(session: nox.Session) -> None:
         *DOCTESTS,
         "tests",
         "hbn_core/tf_namespace.py",
-        require="tf",
+        "backends/keras.py",
+        "docs/backends/keras.md",
+        require="tf,keras",
     )
 
 
 @nox.session(name="tests-cross")
 def tests_cross(session: nox.Session) -> None:
-    """Every framework in one environment: agreement tests across frameworks."""
+    """Every framework in one environment: cross-framework agreement, Keras on JAX and torch."""
     session.install(TORCH, "-e", ".[all,test]")
     run_pytest(session, "-m", "cross", "tests", require="cross,torch,jax,tf")
 

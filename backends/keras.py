@@ -14,7 +14,7 @@ Examples
 >>> import keras
 >>> from backends.keras import HybridBatchNormalization
 >>> layer = HybridBatchNormalization()
->>> layer(keras.ops.ones((8, 4, 4, 3)), training=True).shape
+>>> tuple(layer(keras.ops.ones((8, 4, 4, 3)), training=True).shape)
 (8, 4, 4, 3)
 >>> [w.name for w in layer.trainable_weights], [w.name for w in layer.non_trainable_weights]
 (['gamma', 'beta', 'alpha'], ['global_mean', 'global_var'])
@@ -23,7 +23,6 @@ Examples
 from __future__ import annotations
 
 import numbers
-import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 import keras
@@ -365,7 +364,7 @@ def collect_statistics(
 
     def recorder(name: str, axis: int) -> Callable[[Any], None]:
         def record(inputs: Any) -> None:
-            data = np.asarray(_to_numpy(inputs), np.float64)
+            data = np.asarray(ops.convert_to_numpy(inputs), np.float64)
             total = totals.get(name, _empty_moments(data.shape[axis]))
             totals[name] = hbn_core.merge_moments(total, hbn_core.moments(data, channel_axis=axis))
 
@@ -381,19 +380,6 @@ def collect_statistics(
     return {
         name: totals.get(name, _empty_moments(layer.num_features or 0)) for name, layer in layers
     }
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    """``keras.ops.convert_to_numpy(x)``, less the warning NumPy 2 gives for its ``np.array(x)``.
-
-    Keras' torch backend converts with ``np.array(tensor)``, and torch's ``__array__`` takes no
-    ``copy`` argument, which NumPy 2 reports as a DeprecationWarning on every call.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", "__array__ implementation doesn't accept a copy keyword", DeprecationWarning
-        )
-        return np.asarray(ops.convert_to_numpy(x))
 
 
 def _empty_moments(num_features: int) -> Moments:

@@ -33,15 +33,7 @@ import hbn_core  # noqa: E402
 from hbn_core import Moments  # noqa: E402
 
 ops = keras.ops
-pytestmark = [
-    pytest.mark.tf,
-    # Keras reads tensors and variables with np.array(x) (model.save, model.fit, and
-    # keras.ops.convert_to_numpy on torch), which NumPy 2 warns about for TensorFlow's variables
-    # and torch's tensors.
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-]
+pytestmark = pytest.mark.tf
 BACKEND = keras.backend.backend()
 EPSILON = 1e-3  # Keras' default, which the layers below keep
 NAMES = ("scale", "offset", "alpha", "global_mean", "global_var")
