@@ -7,7 +7,8 @@ For each library and shape, the baseline is measured in the same run:
 
 Reported figures are medians over repeats, and the ratio is core / baseline (lower is better).
 Usage: ``python benchmarks/run.py --output docs/benchmarks.md`` (``nox -s bench``); it also
-runs the layer benchmarks (``benchmarks/torch_layer.py``, ``benchmarks/flax_layer.py``).
+runs the layer benchmarks (``benchmarks/torch_layer.py``, ``benchmarks/flax_layer.py``,
+``benchmarks/keras_layer.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import platform
 from typing import TYPE_CHECKING
 
 import flax_layer
+import keras_layer
 import numpy as np
 import torch
 import torch_layer
@@ -145,6 +147,7 @@ def main() -> None:
         "",
         *torch_layer.run(options.repeats),
         *flax_layer.run(options.repeats),
+        *keras_layer.run(options.repeats),
     ]
     with open(options.output, "w") as handle:
         handle.write("\n".join(lines))
