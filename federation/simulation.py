@@ -24,7 +24,7 @@ import enum
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["Fault", "RoundFailedError", "RoundRecord", "Simulation"]
 
 logger = logging.getLogger("federation")
+Result = TypeVar("Result")
 
 
 class Stream(enum.IntEnum):
@@ -236,30 +237,23 @@ class Simulation:
         progress: Callable[[str, Client], None] | None,
         *,
         stream: Stream = Stream.STATISTICS,
-        state: State | None = None,
     ) -> dict[int, StatisticsReport]:
+        """Every sampled client's checked statistics report on the current global state."""
         if not self.hbn_layers:
             return {}
-        state = self.global_state if state is None else state
-        reports: dict[int, StatisticsReport] = {}
-        for client in sampled:
-            try:
-                report = client.collect_statistics(
-                    self.models[client.framework],
-                    client.model_state(state, self._first_personal()),
-                    self.data,
-                    self.config.statistics,
-                    self._rng(stream, round_index, client.client_id),
-                )
-                aggregate.check_statistics_report(report, self.hbn_layers)
-            except Exception as error:
-                faults.append(self._fault(round_index, client, "statistics", error))
-            else:
-                reports[client.client_id] = report
-            if progress is not None:
-                progress("statistics", client)
-        self._require_enough(round_index, "statistics", len(reports), faults)
-        return reports
+
+        def collect(client: Client) -> StatisticsReport:
+            report = client.collect_statistics(
+                self.models[client.framework],
+                client.model_state(self.global_state, self._first_personal()),
+                self.data,
+                self.config.statistics,
+                self._rng(stream, round_index, client.client_id),
+            )
+            aggregate.check_statistics_report(report, self.hbn_layers)
+            return report
+
+        return self._each_client(round_index, "statistics", sampled, collect, faults, progress)
 
     def _training_step(
         self,
@@ -269,30 +263,52 @@ class Simulation:
         faults: list[Fault],
         progress: Callable[[str, Client], None] | None,
     ) -> dict[int, Update]:
+        """Every sampled client's checked update from local training on the global state."""
         send_alpha = self.config.alpha.policy == "averaged"
         sent_names = select(self.layout, Role.SHARED, *((Role.PERSONAL,) if send_alpha else ()))
-        updates: dict[int, Update] = {}
+
+        def fit(client: Client) -> Update:
+            update = client.fit(
+                self.models[client.framework],
+                client.model_state(self.global_state, self._first_personal()),
+                self.data,
+                self.config.train,
+                lr=lr,
+                send_alpha=send_alpha,
+                rng=self._rng(Stream.TRAINING, round_index, client.client_id),
+            )
+            check_state(update.sent, self.layout, names=sent_names)
+            _check_examples(update.examples)
+            return update
+
+        return self._each_client(round_index, "training", sampled, fit, faults, progress)
+
+    def _each_client(
+        self,
+        round_index: int,
+        step: str,
+        sampled: list[Client],
+        work: Callable[[Client], Result],
+        faults: list[Fault],
+        progress: Callable[[str, Client], None] | None,
+    ) -> dict[int, Result]:
+        """``work`` for each client; a client that raises is recorded in ``faults`` and left out.
+
+        Raises
+        ------
+        RoundFailedError
+            If fewer than ``min_clients`` clients succeed.
+        """
+        results: dict[int, Result] = {}
         for client in sampled:
             try:
-                update = client.fit(
-                    self.models[client.framework],
-                    client.model_state(self.global_state, self._first_personal()),
-                    self.data,
-                    self.config.train,
-                    lr=lr,
-                    send_alpha=send_alpha,
-                    rng=self._rng(Stream.TRAINING, round_index, client.client_id),
-                )
-                check_state(update.sent, self.layout, names=sent_names)
-                _check_examples(update.examples)
-            except Exception as error:
-                faults.append(self._fault(round_index, client, "training", error))
-            else:
-                updates[client.client_id] = update
+                results[client.client_id] = work(client)
+            except Exception as error:  # a client's failure must not end the run
+                faults.append(self._fault(round_index, client, step, error))
             if progress is not None:
-                progress("training", client)
-        self._require_enough(round_index, "training", len(updates), faults)
-        return updates
+                progress(step, client)
+        self._require_enough(round_index, step, len(results), faults)
+        return results
 
     def _first_personal(self) -> State:
         """The personal state of a client in its first round."""
