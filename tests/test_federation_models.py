@@ -1,9 +1,11 @@
-"""federation.models: the reference models in Flax NNX, and their agreement with PyTorch.
+"""federation.models: the reference models in Flax NNX and Keras, and their agreement with PyTorch.
 
-The ``jax`` tests need JAX only: state round trips, HBN statistics against a float64 NumPy
+The single-framework tests run once per framework, in its session (``jax``: JAX, Flax and
+optax; ``tf``: TensorFlow and Keras): state round trips, HBN statistics against a float64 NumPy
 forward of the canonical state, and training. The ``cross`` tests load one canonical state into
-the torch and the JAX model and check that they compute the same things, training included.
-Models of one spec share their compiled steps, so each spec and batch shape compiles once.
+the torch model and the other framework's model and check that they compute the same things,
+training included. JAX models of one spec share their compiled steps; a Keras model compiles
+its own, once.
 """
 
 from __future__ import annotations
@@ -92,31 +94,41 @@ def assert_states_equal(actual: dict, expected: dict) -> None:
         np.testing.assert_array_equal(actual[name], value, err_msg=name)
 
 
-@pytest.fixture
-def with_jax() -> None:
-    """The JAX model's frameworks: JAX, Flax and optax."""
-    import_framework("federation.models.jax_model", "jax")
+# Each framework compared with torch: its model module and the marker of its own session.
+MODULES = {
+    "jax": ("federation.models.jax_model", "jax"),
+    "keras": ("federation.models.keras_model", "tf"),
+}
 
 
-@pytest.fixture
-def with_all() -> None:
-    """Both the torch and the JAX model modules, in the cross session."""
-    for module in ("federation.models.torch_model", "federation.models.jax_model"):
+@pytest.fixture(
+    params=[pytest.param(name, marks=getattr(pytest.mark, MODULES[name][1])) for name in MODULES]
+)
+def framework(request: pytest.FixtureRequest) -> str:
+    """A framework alone, in its own session: ``jax`` or ``keras``."""
+    module, marker = MODULES[request.param]
+    import_framework(module, marker)
+    return request.param
+
+
+@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.cross) for name in MODULES])
+def other(request: pytest.FixtureRequest) -> str:
+    """A framework to compare with torch, in the cross session: ``jax`` or ``keras``."""
+    for module in ("federation.models.torch_model", MODULES[request.param][0]):
         import_framework(module, "cross")
+    return request.param
 
 
-# --- JAX ------------------------------------------------------------------------------------
+# --- Each framework alone -------------------------------------------------------------------
 
 
-@pytest.mark.jax
-@pytest.mark.usefixtures("with_jax")
 @pytest.mark.parametrize(
     ("architecture", "shape"), [(a, s) for a, shapes in SHAPES.items() for s in shapes]
 )
 @pytest.mark.parametrize("norm", NORMS)
-def test_state_round_trip_is_exact(architecture, shape, norm):
+def test_state_round_trip_is_exact(framework, architecture, shape, norm):
     spec = make_spec(architecture, norm, shape)
-    model = build_model("jax", spec, seed=0)
+    model = build_model(framework, spec, seed=0)
     assert model.layout == spec.layout()
     initial = model.get_state()
     assert {k: v.shape for k, v in initial.items()} == {
@@ -129,13 +141,11 @@ def test_state_round_trip_is_exact(architecture, shape, norm):
     assert_states_equal(model.get_state(), state)
 
 
-@pytest.mark.jax
-@pytest.mark.usefixtures("with_jax")
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @HBN_MODES
-def test_statistics_count_every_input_and_match_numpy(architecture, mode):
+def test_statistics_count_every_input_and_match_numpy(framework, architecture, mode):
     spec = make_spec(architecture, "hbn")
-    model = build_model("jax", spec, seed=0)
+    model = build_model(framework, spec, seed=0)
     model.set_state(nontrivial(model.get_state(), spec, seed=2))
     state = model.get_state()
     inputs = [x for x, _ in make_batches(spec, 2, seed=3)]
@@ -153,20 +163,16 @@ def test_statistics_count_every_input_and_match_numpy(architecture, mode):
     assert_states_equal(model.get_state(), state)
 
 
-@pytest.mark.jax
-@pytest.mark.usefixtures("with_jax")
-def test_statistics_need_hbn_layers():
-    model = build_model("jax", make_spec("mlp", "bn"), seed=0)
+def test_statistics_need_hbn_layers(framework):
+    model = build_model(framework, make_spec("mlp", "bn"), seed=0)
     with pytest.raises(ValueError, match="no HBN layer"):
         model.collect_statistics([np.zeros((2, 2, 5, 7), np.float32)], "hybrid")
 
 
-@pytest.mark.jax
-@pytest.mark.usefixtures("with_jax")
 @MODELS
-def test_training_lowers_the_loss(architecture, norm):
+def test_training_lowers_the_loss(framework, architecture, norm):
     spec = make_spec(architecture, norm)
-    model = build_model("jax", spec, seed=0)
+    model = build_model(framework, spec, seed=0)
     batch = make_batches(spec, 1, seed=4)
     # A zero learning rate measures the training loss; the optimiser structure stays the same,
     # so all three calls share one compiled step.
@@ -181,17 +187,45 @@ def test_training_lowers_the_loss(architecture, norm):
     assert all(np.isfinite(v).all() for v in model.get_state().values())
 
 
-# --- JAX against torch ----------------------------------------------------------------------
+@pytest.mark.tf
+def test_keras_steps_compile_once(monkeypatch):
+    import_framework("federation.models.keras_model", "tf")
+    import keras
+
+    if keras.backend.backend() == "torch":
+        pytest.skip("Keras runs its steps eagerly on torch: nothing is traced")
+    spec = make_spec("simple-cnn", "hbn")
+    model = build_model("keras", spec, seed=0)
+    traces = []
+
+    def counting(step: str) -> None:
+        original = getattr(model.network, step)
+        # Keras' step methods run in Python only while their compiled function is traced.
+        monkeypatch.setattr(model.network, step, lambda data: traces.append(step) or original(data))
+
+    counting("train_step")
+    counting("predict_step")
+    batches = make_batches(spec, 2, seed=9)
+    # New hyperparameters (clipping and momentum off included), new states and new batches
+    # of the same size reuse the steps compiled by the first calls.
+    for seed, sgd in enumerate([SGDConfig(lr=0.1), SGDConfig(0.05, 0.9, 1e-3, 1.0)]):
+        model.set_state(nontrivial(model.get_state(), spec, seed=seed))
+        model.train(batches + make_batches(spec, 1, seed=seed), sgd)
+        model.evaluate(batches)
+    assert sorted(traces) == ["predict_step", "train_step"]
 
 
-def same_models(spec: ModelSpec) -> tuple[Any, Any, dict[str, np.ndarray]]:
-    """The torch and the JAX model of ``spec``, loaded with one non-trivial canonical state."""
+# --- Each framework against torch -----------------------------------------------------------
+
+
+def same_models(spec: ModelSpec, other: str) -> tuple[Any, Any, dict[str, np.ndarray]]:
+    """The torch and the ``other`` model of ``spec``, loaded with one non-trivial state."""
     torch_model = build_model("torch", spec, seed=0)
     state = nontrivial(torch_model.get_state(), spec, seed=5)
     torch_model.set_state(state)
-    jax_model = build_model("jax", spec, seed=1)
-    jax_model.set_state(state)
-    return torch_model, jax_model, state
+    other_model = build_model(other, spec, seed=1)
+    other_model.set_state(state)
+    return torch_model, other_model, state
 
 
 def torch_logits(model: Any, x: np.ndarray) -> np.ndarray:
@@ -209,32 +243,36 @@ def jax_logits(model: Any, x: np.ndarray) -> np.ndarray:
     return np.asarray(model.network(jnp.asarray(x.transpose(0, 2, 3, 1))))
 
 
-@pytest.mark.cross
-@pytest.mark.usefixtures("with_all")
+def keras_logits(model: Any, x: np.ndarray) -> np.ndarray:
+    # The Keras network takes canonical NCHW images; it transposes them itself.
+    return np.asarray(model.network(x, training=False))
+
+
+LOGITS = {"jax": jax_logits, "keras": keras_logits}
+
+
 @MODELS
-def test_evaluation_agrees_with_torch(architecture, norm):
+def test_evaluation_agrees_with_torch(other, architecture, norm):
     spec = make_spec(architecture, norm)
-    torch_model, jax_model, _ = same_models(spec)
+    torch_model, other_model, _ = same_models(spec, other)
     batches = make_batches(spec, 2, seed=6)
     x = batches[0][0]
     np.testing.assert_allclose(
-        jax_logits(jax_model, x), torch_logits(torch_model, x), rtol=1e-4, atol=1e-5
+        LOGITS[other](other_model, x), torch_logits(torch_model, x), rtol=1e-4, atol=1e-5
     )
-    expected, actual = torch_model.evaluate(batches), jax_model.evaluate(batches)
+    expected, actual = torch_model.evaluate(batches), other_model.evaluate(batches)
     assert (actual.correct, actual.examples) == (expected.correct, expected.examples)
     np.testing.assert_allclose(actual.loss_sum, expected.loss_sum, rtol=1e-4)
 
 
-@pytest.mark.cross
-@pytest.mark.usefixtures("with_all")
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @HBN_MODES
-def test_statistics_agree_with_torch(architecture, mode):
+def test_statistics_agree_with_torch(other, architecture, mode):
     spec = make_spec(architecture, "hbn")
-    torch_model, jax_model, _ = same_models(spec)
+    torch_model, other_model, _ = same_models(spec, other)
     inputs = [x for x, _ in make_batches(spec, 2, seed=7)]
     expected = torch_model.collect_statistics(inputs, mode)
-    actual = jax_model.collect_statistics(inputs, mode)
+    actual = other_model.collect_statistics(inputs, mode)
     assert list(actual) == list(expected) == spec.norm_layers()
     for name, moments in expected.items():
         assert int(actual[name].count) == int(moments.count)
@@ -257,42 +295,41 @@ def gradient_norm(spec: ModelSpec, state: dict, batch: tuple[np.ndarray, np.ndar
     )
 
 
-@pytest.mark.cross
-@pytest.mark.usefixtures("with_all")
 @MODELS
-def test_one_train_call_agrees_with_torch(architecture, norm):
+def test_one_train_call_agrees_with_torch(other, architecture, norm):
     spec = make_spec(architecture, norm)
-    torch_model, jax_model, state = same_models(spec)
+    torch_model, other_model, state = same_models(spec, other)
     batches = make_batches(spec, 3, seed=8)
     # Clipping at half the first step's gradient norm: active from the first step on.
     clip = 0.5 * gradient_norm(spec, state, batches[0])
     sgd = SGDConfig(lr=0.1, momentum=0.9, weight_decay=0.05, clip_norm=clip)
-    expected, actual = torch_model.train(batches, sgd), jax_model.train(batches, sgd)
+    expected, actual = torch_model.train(batches, sgd), other_model.train(batches, sgd)
     assert (actual.examples, actual.steps) == (expected.examples, expected.steps)
     np.testing.assert_allclose(actual.loss_sum, expected.loss_sum, rtol=1e-4)
-    trained_torch, trained_jax = torch_model.get_state(), jax_model.get_state()
+    trained_torch, trained_other = torch_model.get_state(), other_model.get_state()
     for name in spec.layout():
         if name.endswith("running_var"):
-            continue  # compared below, with Flax's biased and torch's unbiased variance
+            continue  # compared below, with a biased and torch's unbiased variance
         np.testing.assert_allclose(
-            trained_jax[name], trained_torch[name], rtol=1e-4, atol=1e-6, err_msg=name
+            trained_other[name], trained_torch[name], rtol=1e-4, atol=1e-6, err_msg=name
         )
         # The steps themselves agree, not only the states they started from.
-        step_jax, step_torch = trained_jax[name] - state[name], trained_torch[name] - state[name]
-        np.testing.assert_allclose(step_jax, step_torch, rtol=1e-3, atol=1e-6, err_msg=name)
+        step_other = trained_other[name] - state[name]
+        step_torch = trained_torch[name] - state[name]
+        np.testing.assert_allclose(step_other, step_torch, rtol=1e-3, atol=1e-6, err_msg=name)
     if norm == "bn":
-        assert_running_vars_agree(spec, state, trained_jax, trained_torch, steps=len(batches))
+        assert_running_vars_agree(spec, state, trained_other, trained_torch, steps=len(batches))
 
 
 def assert_running_vars_agree(
-    spec: ModelSpec, state: dict, trained_jax: dict, trained_torch: dict, *, steps: int
+    spec: ModelSpec, state: dict, trained_other: dict, trained_torch: dict, *, steps: int
 ) -> None:
-    """Flax's running variances, turned unbiased as torch tracks them, equal torch's."""
+    """Flax's and Keras' running variances, turned unbiased as torch tracks them, equal torch's."""
     for layer, size in norm_input_sizes(spec).items():
-        # Each step adds (1 - 0.9) * batch variance: torch's is n / (n - 1) times Flax's.
+        # Each step adds (1 - 0.9) * batch variance: torch's is n / (n - 1) times the biased one.
         n = BATCH * size
         decayed = 0.9**steps * state[f"{layer}.running_var"]
-        added = (trained_jax[f"{layer}.running_var"] - decayed) * n / (n - 1)
+        added = (trained_other[f"{layer}.running_var"] - decayed) * n / (n - 1)
         np.testing.assert_allclose(
             decayed + added, trained_torch[f"{layer}.running_var"], rtol=1e-4, err_msg=layer
         )

@@ -1,0 +1,274 @@
+"""The reference models in Keras 3, behind :class:`federation.models.FrameworkModel`.
+
+The network is a functional ``keras.Model`` that takes canonical NCHW images and transposes
+them to NHWC in its first layer (``to_channels_last``, a ``Permute``); every tensor crosses the
+boundary through :func:`federation.layout.to_channels_last` and
+:func:`federation.layout.from_channels_last` (HWIO conv kernels, ``(in, out)`` dense kernels,
+and the flatten permutation of the first dense layer after a flatten). Its layers carry the
+canonical layer names (``conv1``, ``norm1``, ``fc1``, ...), and weights are exchanged by their
+Keras path (``"conv1/kernel"``), never by position. Within a layer, Keras' names map to the
+canonical ones as below.
+
+==============================  ====================================================
+canonical                       Keras
+==============================  ====================================================
+conv and dense ``weight``       ``kernel``
+norm ``weight``, ``bias``       ``gamma``, ``beta``
+BatchNorm ``running_mean/var``  ``moving_mean``, ``moving_variance``
+HBN ``alpha``                   ``alpha`` (trainable)
+HBN ``global_mean/var``         ``global_mean``, ``global_var`` (non-trainable)
+==============================  ====================================================
+
+Every layer is float32 and channels-last whatever Keras' global settings say. The convolutions
+use ``padding="same"``, which at stride 1 and with a 3x3 kernel pads one pixel on each side:
+torch's ``padding=1``. Training and evaluation are Keras' own compiled steps
+(``train_on_batch`` with an optimiser of ours, ``predict_on_batch``, whose logits give the
+cross-entropy in float64 NumPy), compiled once per model: the optimiser's hyperparameters are
+variables, so a new learning rate or a new state does not retrace. They run on every Keras
+backend; CI and the federation use TensorFlow, Keras' default.
+
+Warnings
+--------
+A BatchNorm baseline's canonical ``running_var`` is what each framework tracks: Keras averages
+the biased batch variance into it, torch the unbiased one (``n / (n - 1)`` larger). The
+difference is left as it is; the running statistics only serve inference.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from backends import keras as hbn_keras
+from federation.layout import from_channels_last, to_channels_last
+from federation.models import (
+    GROUPS,
+    Batch,
+    CollectionMode,
+    EvalResult,
+    ModelSpec,
+    SGDConfig,
+    TrainResult,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from federation.models import LayerSpec
+    from hbn_core import Moments
+
+__all__ = ["KerasModel", "build"]
+
+# Keras' weight name for each canonical tensor name that differs from it, by layer kind.
+_KERAS_NAMES = {
+    "conv": {"weight": "kernel"},
+    "dense": {"weight": "kernel"},
+    "norm": {
+        "weight": "gamma",
+        "bias": "beta",
+        "running_mean": "moving_mean",
+        "running_var": "moving_variance",
+    },
+}
+# torch's BatchNorm momentum 0.1 weights the new batch; Keras' momentum weights the old average.
+_BATCHNORM_MOMENTUM = 1.0 - 0.1
+_FLOAT = "float32"
+_CHANNELS_LAST = "channels_last"
+
+
+def _norm(spec: ModelSpec, name: str) -> keras.layers.Layer:
+    options: dict[str, Any] = {"epsilon": spec.eps, "name": name, "dtype": _FLOAT}
+    if spec.norm == "hbn":
+        return hbn_keras.HybridBatchNormalization(**options)
+    if spec.norm == "bn":
+        return keras.layers.BatchNormalization(momentum=_BATCHNORM_MOMENTUM, **options)
+    # "ln" is GroupNorm with one group (channels and space per example), not LayerNormalization,
+    # whose affine would be per element rather than per channel.
+    return keras.layers.GroupNormalization(groups=GROUPS[spec.norm], **options)
+
+
+def _layer(spec: ModelSpec, layer: LayerSpec, seed: int) -> keras.layers.Layer:
+    if layer.kind == "norm":
+        return _norm(spec, layer.name)
+    options: dict[str, Any] = {
+        "name": layer.name,
+        "dtype": _FLOAT,
+        "kernel_initializer": keras.initializers.LecunNormal(seed=seed),
+    }
+    if layer.kind == "conv":
+        return keras.layers.Conv2D(
+            layer.out_features, 3, padding="same", data_format=_CHANNELS_LAST, **options
+        )
+    return keras.layers.Dense(layer.out_features, **options)
+
+
+def _network(spec: ModelSpec, *, seed: int) -> keras.Model:
+    """Simple-CNN or MLP on canonical NCHW images, its layers named as the spec's."""
+    # One seed per layer, drawn from `seed` without touching any global random state.
+    specs = spec.layers()
+    seeds = np.random.SeedSequence(seed).generate_state(len(specs))
+    layers = {
+        layer.name: _layer(spec, layer, int(s)) for layer, s in zip(specs, seeds, strict=True)
+    }
+    images = keras.Input(spec.input_shape, dtype=_FLOAT, name="images")
+    x = keras.layers.Permute((2, 3, 1), dtype=_FLOAT, name="to_channels_last")(images)
+    if spec.architecture == "mlp":
+        x = _flatten(x, "flatten")
+        x = _relu(_norm_or_identity(layers, "norm1", layers["fc1"](x)), "relu1")
+        return keras.Model(images, layers["fc2"](x), name="mlp")
+    for index in range(1, len(spec.channels) + 1):
+        x = layers[f"conv{index}"](x)
+        x = _relu(_norm_or_identity(layers, f"norm{index}", x), f"relu{index}")
+        x = keras.layers.MaxPooling2D(
+            2, data_format=_CHANNELS_LAST, dtype=_FLOAT, name=f"pool{index}"
+        )(x)
+    x = _relu(layers["fc1"](_flatten(x, "flatten")), "relu_fc1")
+    return keras.Model(images, layers["fc2"](x), name="simple_cnn")
+
+
+def _norm_or_identity(layers: dict[str, keras.layers.Layer], name: str, x: Any) -> Any:
+    return layers[name](x) if name in layers else x
+
+
+def _relu(x: Any, name: str) -> Any:
+    return keras.layers.ReLU(dtype=_FLOAT, name=name)(x)
+
+
+def _flatten(x: Any, name: str) -> Any:
+    return keras.layers.Flatten(data_format=_CHANNELS_LAST, dtype=_FLOAT, name=name)(x)
+
+
+class _TorchSGD(keras.optimizers.Optimizer):
+    r"""The update of :class:`SGDConfig`: ``torch.optim.SGD`` after ``clip_grad_norm_``.
+
+    Per step, over all trainable variables: :math:`g \leftarrow g \cdot \min(1, c/\lVert g
+    \rVert_2)`, :math:`g \leftarrow g + \lambda w` (coupled weight decay, unlike Keras' SGD),
+    :math:`b \leftarrow \mu b + g` and :math:`w \leftarrow w - \eta b` (torch's momentum form,
+    not Keras'). The hyperparameters are variables, set by :meth:`reset`, so that new values
+    reuse the compiled train step.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(learning_rate=0.0, name="torch_sgd")
+
+    def build(self, variables: list[keras.Variable]) -> None:
+        """Create the hyperparameters and one momentum buffer per variable."""
+        if self.built:
+            return
+        super().build(variables)
+        self.momentum = self.add_variable((), name="momentum", dtype=_FLOAT)
+        self.coupled_weight_decay = self.add_variable((), name="weight_decay", dtype=_FLOAT)
+        self.clip_norm = self.add_variable((), name="clip_norm", dtype=_FLOAT)
+        self.buffers = [self.add_variable_from_reference(v, "momentum_buffer") for v in variables]
+
+    def reset(self, sgd: SGDConfig) -> None:
+        """Take the hyperparameters of ``sgd`` and zero the momentum buffers: a fresh optimiser."""
+        self.learning_rate = sgd.lr
+        self.momentum.assign(sgd.momentum)
+        self.coupled_weight_decay.assign(sgd.weight_decay)
+        self.clip_norm.assign(np.inf if sgd.clip_norm is None else sgd.clip_norm)
+        for buffer in self.buffers:
+            buffer.assign(ops.zeros(buffer.shape, buffer.dtype))
+
+    def apply(self, grads: list[Any], trainable_variables: list[Any] | None = None) -> None:
+        """Clip ``grads`` by their global norm, then update the variables."""
+        norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in grads))
+        scale = ops.where(norm > self.clip_norm, self.clip_norm / norm, 1.0)
+        super().apply([g * scale for g in grads], trainable_variables)
+
+    def update_step(self, gradient: Any, variable: keras.Variable, learning_rate: Any) -> None:
+        """Coupled weight decay, momentum and the step of one variable."""
+        buffer = self.buffers[self._get_variable_index(variable)]
+        gradient = gradient + self.coupled_weight_decay * variable
+        self.assign(buffer, self.momentum * buffer + gradient)
+        self.assign_sub(variable, learning_rate * buffer)
+
+
+def _cross_entropy_sum(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Summed softmax cross-entropy of ``logits`` against integer ``labels``, in float64."""
+    logits = logits.astype(np.float64)
+    peak = logits.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
+    return float((log_norm - logits[np.arange(len(labels)), labels]).sum())
+
+
+class KerasModel:
+    """A reference model in Keras 3 (float32), driven by the federation.
+
+    HBN layers are :class:`backends.keras.HybridBatchNormalization`; BatchNorm is
+    ``keras.layers.BatchNormalization`` with momentum 0.9 (torch's 0.1); ``"gn"`` and ``"ln"``
+    are ``keras.layers.GroupNormalization`` with 2 and 1 groups. All use ``spec.eps``, not
+    Keras' default 1e-3. Initial kernels are LeCun-normal (truncated), as Flax initialises them
+    (Keras' default, Glorot-uniform, trained the GroupNorm Simple-CNN less reliably), seeded per
+    layer from ``seed``; biases are zero.
+    """
+
+    def __init__(self, spec: ModelSpec, *, seed: int) -> None:
+        self.spec = spec
+        self.layout = spec.layout()
+        self._kinds = {layer.name: layer.kind for layer in spec.layers()}
+        self.network = _network(spec, seed=seed)
+        self._weights = {weight.path: weight for weight in self.network.weights}
+        self._optimizer = _TorchSGD()
+        self.network.compile(
+            optimizer=self._optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        self._optimizer.build(self.network.trainable_variables)
+
+    def _variable(self, name: str) -> keras.Variable:
+        layer, leaf = name.split(".")
+        return self._weights[f"{layer}/{_KERAS_NAMES[self._kinds[layer]].get(leaf, leaf)}"]
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Every canonical tensor, copied to float32 NumPy in canonical layout."""
+        return {
+            name: from_channels_last(np.asarray(self._variable(name)).astype(np.float32), spec)
+            for name, spec in self.layout.items()
+        }
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load every canonical tensor into its variable (Keras keeps no local counters)."""
+        for name, spec in self.layout.items():
+            self._variable(name).assign(to_channels_last(np.asarray(state[name], np.float32), spec))
+
+    def collect_statistics(
+        self, inputs: Iterable[np.ndarray], mode: CollectionMode
+    ) -> dict[str, Moments]:
+        """HBN input moments over ``inputs``, by :func:`backends.keras.collect_statistics`.
+
+        The batches run eagerly. The HBN layers' paths in the network are their canonical names.
+        """
+        batches = (np.asarray(images, np.float32) for images in inputs)
+        return hbn_keras.collect_statistics(self.network, batches, mode=mode)
+
+    def train(self, batches: Iterable[Batch], sgd: SGDConfig) -> TrainResult:
+        """SGD on ``batches`` with a fresh optimiser, as :class:`SGDConfig` says."""
+        self._optimizer.reset(sgd)
+        loss_sum, examples, steps = 0.0, 0, 0
+        for images, labels in batches:
+            loss = self.network.train_on_batch(
+                np.asarray(images, np.float32), np.asarray(labels, np.int64)
+            )
+            loss_sum += float(loss) * len(labels)
+            examples += len(labels)
+            steps += 1
+        return TrainResult(loss_sum, examples, steps)
+
+    def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
+        """Summed cross-entropy and correct predictions in inference mode."""
+        loss_sum, correct, examples = 0.0, 0, 0
+        for images, labels in batches:
+            logits = np.asarray(self.network.predict_on_batch(np.asarray(images, np.float32)))
+            loss_sum += _cross_entropy_sum(logits, labels)
+            correct += int((logits.argmax(axis=1) == labels).sum())
+            examples += len(labels)
+        return EvalResult(loss_sum, correct, examples)
+
+
+def build(spec: ModelSpec, *, seed: int) -> KerasModel:
+    """Build ``spec`` in Keras 3, its initial weights drawn from ``seed``."""
+    return KerasModel(spec, seed=seed)
