@@ -1,4 +1,6 @@
-"""nox sessions: ``nox -s tests-core tests-torch tests-jax tests-tf tests-cross lint`` is CI.
+"""nox sessions; CI (``.ci/run``) runs the README's test command.
+
+``nox -s tests-core tests-torch tests-jax tests-tf tests-cross tests-flower lint`` is CI.
 
 Each framework's session installs only that framework with the test dependencies, and fails,
 rather than skips, if that framework's tests did not run (``HBN_REQUIRE``, see
@@ -15,7 +17,7 @@ nox.options.error_on_external_run = True
 
 # Always pinned: this version is the machine's local CPU wheel; an unpinned torch pulls CUDA.
 TORCH = "torch==2.13.0"
-FRAMEWORK_MARKERS = "torch or jax or tf or cross"
+FRAMEWORK_MARKERS = "torch or jax or tf or cross or flower"
 DOCTESTS = ("--doctest-modules", "--doctest-glob=*.md")
 
 
@@ -97,6 +99,13 @@ def tests_cross(session: nox.Session) -> None:
     """Every framework in one environment: cross-framework agreement, Keras on JAX and torch."""
     session.install(TORCH, "-e", ".[all,test]")
     run_pytest(session, "-m", "cross", "tests", require="cross,torch,jax,tf")
+
+
+@nox.session(name="tests-flower")
+def tests_flower(session: nox.Session) -> None:
+    """HBN on Flower: simulations of torch and Flax nodes, checked against the embedded one."""
+    session.install(TORCH, "-e", ".[torch,jax,flower,federation,test]")
+    run_pytest(session, "-m", "flower", "tests", require="flower")
 
 
 @nox.session

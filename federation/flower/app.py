@@ -1,0 +1,157 @@
+"""The Flower app: a ServerApp running HBN rounds, and the ClientApp, ready for ``flwr run``.
+
+``server_app`` and ``client_app`` read the federation's configuration from Flower's run
+configuration (``[tool.flwr.app.config]`` in the app's ``pyproject.toml``, overridden by
+``flwr run --run-config``): the keys of an ``hbn-fed`` TOML file, plus the ``flower`` section
+(:class:`~federation.flower.wire.ServerOptions`). ``docs/flower.md`` shows the app layout.
+:func:`make_server_app` and :func:`~federation.flower.client_app.make_client_app` build apps
+with a configuration, strategy or model given in Python instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import ConfigRecord
+from flwr.serverapp import ServerApp
+
+from federation.data import load_dataset
+from federation.flower.client_app import make_client_app
+from federation.flower.strategy import HBNFedAvg
+from federation.flower.wire import (
+    ServerOptions,
+    config_from_run_config,
+    state_from_record,
+    state_record,
+)
+from federation.layout import Role, select
+from federation.models import ModelSpec, build_model
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from flwr.app import Context
+    from flwr.serverapp import Grid
+    from flwr.serverapp.strategy import Result
+
+    from federation.config import Config
+    from federation.flower.strategy import HBNStrategy
+    from federation.layout import Layout, State
+    from federation.models import FrameworkModel
+
+__all__ = ["client_app", "make_server_app", "server_app"]
+
+
+def make_server_app(
+    config: Config | None = None,
+    *,
+    options: ServerOptions | None = None,
+    strategy: Callable[[Config, Layout], HBNStrategy] | None = None,
+    model: Callable[[], FrameworkModel] | None = None,
+) -> ServerApp:
+    """A Flower ServerApp that runs ``config.rounds`` HBN rounds.
+
+    Parameters
+    ----------
+    config, options
+        The federation's configuration and the server options; by default both are read from
+        the run configuration.
+    strategy
+        ``strategy(config, layout)`` builds the strategy: an :class:`HBNStrategy` over any
+        FedAvg-family base. Default: :class:`~federation.flower.strategy.HBNFedAvg`.
+    model
+        Builds the model whose state starts the federation. Default: the reference model of
+        ``config.model`` in ``eval.framework`` (the data set is loaded for its input shape).
+
+    Returns
+    -------
+    flwr.serverapp.ServerApp
+        With ``options.out_dir`` set, it writes ``results.json`` (``"status"`` is
+        ``"completed"`` or ``"failed"``, per-round records and faults) and
+        ``global_state.npz``.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if config is None:
+            hbn, server = config_from_run_config(context.run_config)
+        else:
+            hbn, server = config, ServerOptions()
+        server = options if options is not None else server
+        initial = model() if model is not None else _reference_model(hbn)
+        chosen = (strategy or _default_strategy)(hbn, initial.layout)
+        state = initial.get_state()
+        names = select(initial.layout, Role.SHARED, Role.STATISTICS)
+        try:
+            result = chosen.start(
+                grid,
+                state_record({name: state[name] for name in names}),
+                num_rounds=hbn.rounds,
+                timeout=server.timeout,
+                train_config=ConfigRecord(),
+                evaluate_config=ConfigRecord(),
+            )
+        except Exception as error:
+            _write_results(server.out_dir, hbn, chosen, None, error)
+            raise
+        _write_results(server.out_dir, hbn, chosen, result, None)
+
+    return app
+
+
+def _default_strategy(config: Config, layout: Layout) -> HBNStrategy:
+    return HBNFedAvg(config=config, layout=layout)
+
+
+def _reference_model(config: Config) -> FrameworkModel:
+    data = load_dataset(config.data.name, seed=config.seed, path=config.data.path)
+    spec = ModelSpec(
+        config.model.architecture,
+        config.model.norm,
+        data.input_shape,
+        data.num_classes,
+        hidden=config.model.hidden,
+    )
+    return build_model(config.eval_framework, spec, seed=config.seed)
+
+
+def _write_results(
+    out_dir: str,
+    config: Config,
+    strategy: HBNStrategy,
+    result: Result | None,
+    error: Exception | None,
+) -> None:
+    """Write ``results.json`` and, after a completed run, ``global_state.npz``."""
+    if not out_dir:
+        return
+    path = pathlib.Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    rounds: list[dict[str, Any]] = []
+    for record in strategy.history:
+        fields = dataclasses.asdict(record)
+        fields["statistics"] = {
+            name: {"mean": mean.tolist(), "var": var.tolist()}
+            for name, (mean, var) in record.statistics.items()
+        }
+        rounds.append(fields)
+    document = {
+        "status": "failed" if error is not None else "completed",
+        "error": None if error is None else f"{type(error).__name__}: {error}",
+        "config": config.to_dict(),
+        "rounds": rounds,
+        "client_ids": {str(node): client for node, client in strategy.client_ids.items()},
+    }
+    (path / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+    if result is not None:
+        state: State = state_from_record(result.arrays)
+        np.savez(path / "global_state.npz", **state)
+
+
+server_app = make_server_app()
+client_app = make_client_app()

@@ -1,0 +1,269 @@
+"""A Flower ClientApp around the federation's backend-neutral :class:`~federation.client.Client`.
+
+:func:`make_client_app` answers the three messages of an HBN round with the same client code
+the embedded simulation runs, on a torch, Flax NNX or Keras model:
+
+- ``query.hbn_statistics``: the exact moments of every HBN layer's input over the node's data,
+  under the global model and the node's own alpha (:meth:`Client.collect_statistics`);
+- ``train``: local SGD from the global model (:meth:`Client.fit`); the reply holds the
+  ``shared`` tensors and ``num-examples``. The new alpha goes to ``context.state`` and never
+  leaves the node;
+- ``evaluate``: the global model in inference mode on the node's share of the test set.
+
+A node is client ``partition-id`` of ``num-partitions`` (its ``node_config``, which Flower's
+simulation sets and ``flower-supernode --node-config`` sets in a deployment). Its framework,
+data and random streams are those of that client in :class:`federation.simulation.Simulation`
+with the same configuration, so a Flower run and an embedded run train the same federation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from federation.client import Client
+from federation.data import batches, load_dataset, partition
+from federation.flower.wire import (
+    STATISTICS_ACTION,
+    config_from_run_config,
+    report_content,
+    state_from_record,
+    state_record,
+)
+from federation.layout import Role, check_state, select
+from federation.models import ModelSpec, build_model
+from federation.simulation import Stream
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from flwr.app import Context
+    from flwr.clientapp.typing import Mod
+
+    from federation.config import Config
+    from federation.data import Dataset
+    from federation.layout import State
+    from federation.models import FrameworkModel
+
+__all__ = ["PERSONAL_KEY", "make_client_app"]
+
+PERSONAL_KEY = "hbn-personal"
+
+
+class _Node:
+    """One node's client, model and data, rebuilt from its context for every message."""
+
+    def __init__(
+        self,
+        context: Context,
+        config: Config | None,
+        dataset: Dataset | None,
+        models: Callable[[str], FrameworkModel] | None,
+    ) -> None:
+        self.config = (
+            config if config is not None else config_from_run_config(context.run_config)[0]
+        )
+        self.client_id, self.num_clients = _partition_id(context, self.config)
+        data = self.config.data
+        self.data = (
+            dataset if dataset is not None else _dataset(data.name, self.config.seed, data.path)
+        )
+        indices = partition(
+            self.data.y_train,
+            self.num_clients,
+            method=self.config.data.partition,
+            rng=self.rng(Stream.PARTITION, 0, client=0),
+            beta=self.config.data.beta,
+            shards_per_client=self.config.data.shards_per_client,
+        )
+        framework = self.config.client_frameworks[self.client_id]
+        self.client = Client(self.client_id, framework, indices[self.client_id])
+        if models is None:
+            self.model, self.initial_personal = _reference_model(
+                framework, _spec(self.config, self.data), self.config.seed
+            )
+        else:
+            self.model = models(framework)
+            self.initial_personal = _personal(self.model)
+        if PERSONAL_KEY in context.state.array_records:
+            self.client.personal = state_from_record(context.state.array_records[PERSONAL_KEY])
+
+    def rng(
+        self, stream: Stream, round_index: int, *, client: int | None = None
+    ) -> np.random.Generator:
+        """The generator :class:`~federation.simulation.Simulation` uses for this draw."""
+        client = self.client_id if client is None else client
+        return np.random.default_rng([self.config.seed, stream, round_index, client])
+
+    def received(self, message: Message) -> tuple[State, int, dict[str, object]]:
+        """The message's global state (checked), round index (from 0) and config."""
+        content = message.content
+        if len(content.array_records) != 1 or len(content.config_records) != 1:
+            msg = (
+                "an HBN message must hold one ArrayRecord and one ConfigRecord; got "
+                f"{len(content.array_records)} and {len(content.config_records)}."
+            )
+            raise ValueError(msg)
+        (arrays,) = content.array_records.values()
+        (config,) = content.config_records.values()
+        state = state_from_record(arrays)
+        layout = self.model.layout
+        check_state(state, layout, names=select(layout, Role.SHARED, Role.STATISTICS))
+        server_round = config.get("server-round")
+        if not isinstance(server_round, int) or server_round < 1:
+            msg = f"the message's `server-round` must be an integer >= 1; got {server_round!r}."
+            raise ValueError(msg)
+        return state, server_round - 1, dict(config)
+
+    def model_state(self, global_state: State) -> State:
+        """The global state with this node's alpha (or the initial one)."""
+        return self.client.model_state(global_state, self.initial_personal)
+
+
+def make_client_app(
+    config: Config | None = None,
+    *,
+    dataset: Dataset | None = None,
+    models: Callable[[str], FrameworkModel] | None = None,
+    mods: Sequence[Mod] = (),
+) -> ClientApp:
+    """A Flower ClientApp that runs the federation's clients.
+
+    Parameters
+    ----------
+    config
+        The federation's configuration; by default each node reads it from its run
+        configuration (:func:`federation.flower.wire.config_from_run_config`).
+    dataset
+        The data; by default the configured data set, loaded once per process.
+    models
+        ``models(framework)`` returns a model of your own for that framework, as
+        :class:`~federation.simulation.Simulation`'s ``models`` (called for every message: cache
+        it yourself). By default the reference model, built once per process and framework.
+    mods
+        Flower client mods, applied to every message.
+
+    Returns
+    -------
+    flwr.clientapp.ClientApp
+        Answers ``query.hbn_statistics``, ``train`` and ``evaluate``.
+    """
+    app = ClientApp(mods=list(mods))
+
+    def node(context: Context) -> _Node:
+        return _Node(context, config, dataset, models)
+
+    @app.query(STATISTICS_ACTION)
+    def statistics(message: Message, context: Context) -> Message:
+        here = node(context)
+        state, round_index, _ = here.received(message)
+        report = here.client.collect_statistics(
+            here.model,
+            here.model_state(state),
+            here.data,
+            here.config.statistics,
+            here.rng(Stream.STATISTICS, round_index),
+        )
+        return Message(report_content(report, here.client_id), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        here = node(context)
+        state, round_index, settings = here.received(message)
+        lr = settings.get("lr")
+        if not isinstance(lr, float) or not lr > 0:
+            msg = f"the train message's config must hold a positive float `lr`; got {lr!r}."
+            raise ValueError(msg)
+        update = here.client.fit(
+            here.model,
+            here.model_state(state),
+            here.data,
+            here.config.train,
+            lr=lr,
+            send_alpha=False,
+            rng=here.rng(Stream.TRAINING, round_index),
+        )
+        context.state[PERSONAL_KEY] = state_record(update.personal)
+        metrics = {"num-examples": update.examples, "train-loss": update.train_loss}
+        content = RecordDict(
+            {"arrays": state_record(update.sent), "metrics": MetricRecord(metrics)}
+        )
+        return Message(content, reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        here = node(context)
+        state, _, _ = here.received(message)
+        here.model.set_state({**state, **here.initial_personal})
+        shares = np.array_split(np.arange(len(here.data.y_test)), here.num_clients)
+        result = here.model.evaluate(
+            batches(
+                here.data.x_test,
+                here.data.y_test,
+                shares[here.client_id],
+                batch_size=here.config.eval.batch_size,
+                rng=None,
+            )
+        )
+        if result.examples == 0:
+            msg = f"client {here.client_id} has no test examples to evaluate on."
+            raise ValueError(msg)
+        metrics = {
+            "num-examples": result.examples,
+            "accuracy": result.correct / result.examples,
+            "loss": result.loss_sum / result.examples,
+        }
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
+    return app
+
+
+def _partition_id(context: Context, config: Config) -> tuple[int, int]:
+    """The node's client index and the number of clients, from its ``node_config``."""
+    node_config = context.node_config
+    partition_id, num_partitions = (
+        node_config.get("partition-id"),
+        node_config.get("num-partitions"),
+    )
+    if not isinstance(num_partitions, int) or num_partitions != config.data.num_clients:
+        msg = (
+            f"the node's `num-partitions` must equal data.num_clients = "
+            f"{config.data.num_clients}; got {num_partitions!r}."
+        )
+        raise ValueError(msg)
+    if not isinstance(partition_id, int) or not 0 <= partition_id < num_partitions:
+        msg = f"the node's `partition-id` must be in [0, {num_partitions}); got {partition_id!r}."
+        raise ValueError(msg)
+    return partition_id, num_partitions
+
+
+def _spec(config: Config, data: Dataset) -> ModelSpec:
+    model = config.model
+    return ModelSpec(
+        model.architecture, model.norm, data.input_shape, data.num_classes, hidden=model.hidden
+    )
+
+
+@functools.cache
+def _dataset(name: str, seed: int, path: str) -> Dataset:
+    """A data set, loaded once per process (a node's process serves many nodes)."""
+    return load_dataset(name, seed=seed, path=path)
+
+
+@functools.cache
+def _reference_model(framework: str, spec: ModelSpec, seed: int) -> tuple[FrameworkModel, State]:
+    """One reference model per framework and process, as the embedded simulation shares one.
+
+    Its initial personal state is what a node's first round starts from.
+    """
+    model = build_model(framework, spec, seed=seed)
+    return model, _personal(model)
+
+
+def _personal(model: FrameworkModel) -> State:
+    state = model.get_state()
+    return {name: state[name] for name in select(model.layout, Role.PERSONAL)}

@@ -1,0 +1,162 @@
+"""What crosses Flower's wire: canonical state and statistics reports as named records.
+
+Every array travels by name in an :class:`~flwr.app.ArrayRecord`, never by position:
+
+- a model state is the canonical layout itself (``conv1.weight``, ``norm1.global_mean``, ...);
+- a statistics report is one :class:`~flwr.app.ArrayRecord` under :data:`STATISTICS_KEY` with,
+  per HBN layer, ``<layer>.count`` (int64, shape ``()``: elements per channel), ``<layer>.mean``
+  and ``<layer>.m2`` (float64, shape ``(C,)``), beside a :class:`~flwr.app.MetricRecord` under
+  :data:`REPORT_KEY` with ``examples``, ``dataset-size`` and ``client-id``.
+
+The Flower run configuration is flat (``train.lr``, ``clients.frameworks.torch``); it maps onto
+the same keys as an ``hbn-fed`` TOML file, except the reserved ``flower`` section, which holds
+options of the Flower server app (see :class:`ServerOptions`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from federation.aggregate import StatisticsReport
+from federation.config import ConfigError, parse_config
+from hbn_core import Moments
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from federation.config import Config
+    from federation.layout import State
+
+__all__ = [
+    "REPORT_KEY",
+    "STATISTICS_ACTION",
+    "STATISTICS_KEY",
+    "STATISTICS_MESSAGE_TYPE",
+    "ServerOptions",
+    "config_from_run_config",
+    "read_report",
+    "report_content",
+    "state_from_record",
+    "state_record",
+]
+
+STATISTICS_ACTION = "hbn_statistics"
+STATISTICS_MESSAGE_TYPE = f"query.{STATISTICS_ACTION}"
+STATISTICS_KEY = "hbn-statistics"
+REPORT_KEY = "hbn-report"
+FIELDS = ("count", "mean", "m2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    """The run configuration's ``flower`` section: options of the server app, not of HBN.
+
+    Attributes
+    ----------
+    timeout
+        Seconds to wait for the nodes' replies in each step.
+    out_dir
+        Where the server app writes ``results.json`` and ``global_state.npz``; empty: nowhere.
+    """
+
+    timeout: float = 3600.0
+    out_dir: str = ""
+
+
+def state_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """A canonical state as an :class:`~flwr.app.ArrayRecord`, one named array per tensor."""
+    return ArrayRecord({name: Array(np.asarray(value)) for name, value in state.items()})
+
+
+def state_from_record(record: ArrayRecord) -> State:
+    """The canonical state an :class:`~flwr.app.ArrayRecord` carries, as NumPy arrays."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def report_content(report: StatisticsReport, client_id: int) -> RecordDict:
+    """The content of a reply to the statistics query."""
+    arrays = {
+        f"{layer}.{field}": np.asarray(value)
+        for layer, moments in report.moments.items()
+        for field, value in zip(FIELDS, moments, strict=True)
+    }
+    metrics = MetricRecord(
+        {
+            "examples": int(report.examples),
+            "dataset-size": int(report.dataset_size),
+            "client-id": client_id,
+        }
+    )
+    return RecordDict({STATISTICS_KEY: state_record(arrays), REPORT_KEY: metrics})
+
+
+def read_report(content: RecordDict, layers: Iterable[str]) -> StatisticsReport:
+    """The :class:`~federation.aggregate.StatisticsReport` a statistics reply carries.
+
+    Only the structure is read here; :func:`federation.aggregate.check_statistics_report`
+    checks the values.
+
+    Raises
+    ------
+    ValueError
+        If a record or a layer's ``count``, ``mean`` or ``m2`` is missing, a layer is unknown,
+        or the counts are not integers.
+    """
+    if STATISTICS_KEY not in content.array_records or REPORT_KEY not in content.metric_records:
+        msg = (
+            f"a statistics reply must hold the ArrayRecord {STATISTICS_KEY!r} and the "
+            f"MetricRecord {REPORT_KEY!r}; got {sorted(content)}."
+        )
+        raise ValueError(msg)
+    arrays = state_from_record(content.array_records[STATISTICS_KEY])
+    layers = list(layers)
+    expected = {f"{layer}.{field}" for layer in layers for field in FIELDS}
+    if set(arrays) != expected:
+        missing, unknown = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+        msg = f"the statistics report's arrays are missing {missing}, unknown {unknown}."
+        raise ValueError(msg)
+    moments = {}
+    for layer in layers:
+        count = arrays[f"{layer}.count"]
+        if not np.issubdtype(count.dtype, np.integer):
+            msg = f"`{layer}.count` must be an integer array; got {count.dtype}."
+            raise ValueError(msg)
+        moments[layer] = Moments(count, arrays[f"{layer}.mean"], arrays[f"{layer}.m2"])
+    metrics = content.metric_records[REPORT_KEY]
+    return StatisticsReport(moments, metrics.get("examples"), metrics.get("dataset-size"))  # type: ignore[arg-type]
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, ServerOptions]:
+    """The HBN configuration and the server options a flat Flower run configuration holds.
+
+    ``{"rounds": 3, "train.lr": 0.1, "clients.frameworks.torch": 4, "flower.timeout": 600}``
+    is the TOML table ``hbn-fed`` reads plus a ``[flower]`` section; see
+    :func:`federation.config.parse_config`.
+
+    Raises
+    ------
+    federation.config.ConfigError
+        If a key is unknown or a value is not allowed; the message names the key.
+    """
+    table: dict[str, Any] = {}
+    for key, value in run_config.items():
+        *sections, leaf = key.split(".")
+        cursor = table
+        for section in sections:
+            cursor = cursor.setdefault(section, {})
+        cursor[leaf] = value
+    flower = table.pop("flower", {})
+    fields = {f.name for f in dataclasses.fields(ServerOptions)}
+    unknown = sorted(set(flower) - fields)
+    if unknown:
+        msg = f"unknown key(s) {['flower.' + k for k in unknown]}; flower allows {sorted(fields)}."
+        raise ConfigError(msg)
+    options = ServerOptions(
+        timeout=float(flower.get("timeout", ServerOptions.timeout)),
+        out_dir=str(flower.get("out_dir", ServerOptions.out_dir)),
+    )
+    return parse_config(table), options

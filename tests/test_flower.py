@@ -1,0 +1,505 @@
+"""federation.flower: HBN rounds on Flower, checked against the embedded simulation.
+
+The Flower simulations run offline through ``flwr.simulation.run_simulation`` (Ray), and one
+test runs the app with ``flwr run`` on a local SuperLink. Results are read from the strategy or
+the app's ``results.json``, never from an exit code. Every process a test starts carries a
+token in its environment, and each test checks that none is left when it ends.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+flwr = pytest.importorskip("flwr")
+pytest.importorskip("torch")
+
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict  # noqa: E402
+from flwr.serverapp.strategy import FedAdam  # noqa: E402
+from flwr.simulation import run_simulation  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from federation.config import ConfigError, parse_config  # noqa: E402
+from federation.data import load_dataset  # noqa: E402
+from federation.flower import (  # noqa: E402
+    HBNFedAvg,
+    HBNStrategy,
+    config_from_run_config,
+    make_client_app,
+    make_server_app,
+)
+from federation.flower.wire import STATISTICS_MESSAGE_TYPE  # noqa: E402
+from federation.layout import Role, select  # noqa: E402
+from federation.models import ModelSpec  # noqa: E402
+from federation.simulation import RoundFailedError, Simulation  # noqa: E402
+
+pytestmark = [
+    pytest.mark.flower,
+    # Ray leaves files and Popen objects of its own processes unclosed.
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TOKEN_VARIABLE = "HBN_FLOWER_TEST_TOKEN"
+LOCAL_SUPERLINK_PORT = 39091  # where `flwr run ... local` starts its SuperLink
+DIGITS = load_dataset("digits")
+
+
+def small_config(**sections: object) -> object:
+    """4 torch clients with an HBN MLP on digits: the quick federation of most tests."""
+    table: dict[str, object] = {
+        "rounds": 2,
+        "data": {"num_clients": 4, "partition": "dirichlet", "beta": 1.0},
+        "model": {"architecture": "mlp", "hidden": 16},
+        "train": {"batch_size": 32},
+        "clients": {"min_clients": 2},
+    }
+    for name, values in sections.items():
+        table[name] = {**table.get(name, {}), **values} if isinstance(values, dict) else values
+    return parse_config(table)
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+def processes_with(token: str) -> list[int]:
+    """Processes other than this one whose environment carries ``token`` (Linux /proc)."""
+    marker = f"{TOKEN_VARIABLE}={token}".encode()
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environment = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in environment.split(b"\0") and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def flower_environment(monkeypatch):
+    """Flower offline and quiet; afterwards, no process this test started may be left."""
+    token = uuid.uuid4().hex
+    for name, value in {
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "RAY_DEDUP_LOGS": "0",
+        TOKEN_VARIABLE: token,
+    }.items():
+        monkeypatch.setenv(name, value)
+    yield token
+    deadline = time.monotonic() + 30
+    while (left := processes_with(token)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left running after the test: {left}"
+
+
+def simulate(config, strategy, *, num_nodes: int, mods=()) -> None:
+    """Run a Flower simulation of ``config`` with ``strategy`` on Ray, offline."""
+    import ray
+
+    try:
+        run_simulation(
+            make_server_app(config, strategy=lambda _config, _layout: strategy),
+            make_client_app(config, mods=mods),
+            num_supernodes=num_nodes,
+            backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+        )
+    finally:
+        ray.shutdown()
+        gc.collect()  # Ray's unclosed objects are finalised here, under this module's filters
+
+
+class RecordingFedAvg(HBNFedAvg):
+    """Keeps what the base strategy never sees: the global state going out, replies coming in."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.sent = []
+        self.reply_keys = []
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.sent.append({k: v.numpy() for k, v in arrays.items()})
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        self.reply_keys += [set(next(iter(r.content.array_records.values()))) for r in replies]
+        return super().aggregate_train(server_round, replies)
+
+
+class HBNFedAdam(HBNStrategy, FedAdam):
+    """HBN over FedAdam, recording the state each statistics query was sent with."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.sent = []
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.sent.append({k: v.numpy() for k, v in arrays.items()})
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+def central_statistics(config, state, clients) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each HBN layer's (mean, var) over all of ``clients``' data under ``state``, at once."""
+    from federation.models.torch_model import TorchModel
+
+    simulation = Simulation(config, dataset=DIGITS)
+    model = TorchModel(
+        ModelSpec("mlp", "hbn", DIGITS.input_shape, DIGITS.num_classes, hidden=16),
+        seed=config.seed,
+    )
+    model.set_state({**state, **simulation.initial_personal})
+    indices = np.concatenate([simulation.clients[k].indices for k in clients])
+    moments = model.collect_statistics([DIGITS.x_train[indices]], "global")
+    return {name: (m.mean, m.m2 / m.count) for name, m in moments.items()}
+
+
+def assert_statistics_equal(actual, expected) -> None:
+    assert set(actual) == set(expected)
+    for name, (mean, var) in expected.items():
+        np.testing.assert_allclose(actual[name][0], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(actual[name][1], var, rtol=1e-5, atol=1e-6)
+
+
+# -- the Flower simulation against the embedded one ----------------------------------------------
+
+MIXED = {
+    "rounds": 3,
+    "data": {"num_clients": 6, "partition": "dirichlet", "beta": 0.5},
+    "model": {"architecture": "simple-cnn", "norm": "hbn"},
+    "clients": {"frameworks": {"torch": 3, "jax": 3}, "min_clients": 2},
+    "train": {"batch_size": 32, "drop_last": True},
+}
+
+
+@pytest.mark.usefixtures("flower_environment")
+def test_a_flower_simulation_of_torch_and_flax_nodes_equals_the_embedded_simulation():
+    """6 nodes (3 torch, 3 Flax NNX), 3 rounds on digits, every node in every round.
+
+    The global statistics after each round equal the embedded simulation's. From round 2 on
+    they are measured on a model trained by the nodes, so this also checks the weights, each
+    node's data and random streams, and its alpha kept in ``context.state`` across rounds.
+    """
+    pytest.importorskip("flax")
+    config = parse_config(MIXED)
+    strategy = RecordingFedAvg(config=config, layout=_layout(config))
+    simulate(config, strategy, num_nodes=6)
+
+    embedded = Simulation(config, dataset=DIGITS)
+    assert [r.round for r in strategy.history] == [1, 2, 3]
+    for flower_round in strategy.history:
+        record = embedded.run_round()
+        assert len(flower_round.statistics_nodes) == len(flower_round.trained_nodes) == 6
+        assert flower_round.faults == []
+        assert_statistics_equal(flower_round.statistics, embedded.global_statistics())
+        assert flower_round.accuracy == pytest.approx(record.accuracy, abs=2 / len(DIGITS.y_test))
+    assert sorted(strategy.client_ids.values()) == list(range(6))
+    shared = set(select(embedded.layout, Role.SHARED))
+    assert all(keys == shared for keys in strategy.reply_keys), "nodes send shared tensors only"
+
+
+@pytest.mark.usefixtures("flower_environment")
+def test_fedadam_never_touches_the_statistics():
+    """Pooled statistics are exact and variances positive with a server optimiser as base."""
+    config = small_config(rounds=3)
+    layout = _layout(config)
+    strategy = HBNFedAdam(config=config, layout=layout, eta=0.5)
+    simulate(config, strategy, num_nodes=4)
+
+    assert [r.round for r in strategy.history] == [1, 2, 3]
+    shared = set(select(layout, Role.SHARED))
+    assert set(strategy.m_t) == set(strategy.v_t) == set(strategy.current_arrays) == shared
+    for index, flower_round in enumerate(strategy.history):
+        queried = strategy.sent[index]
+        assert_statistics_equal(
+            flower_round.statistics, central_statistics(config, queried, range(4))
+        )
+        assert all((var > 0).all() for _, var in flower_round.statistics.values())
+    for flower_round, following in zip(strategy.history, strategy.sent[1:], strict=False):
+        for name, (mean, var) in flower_round.statistics.items():
+            np.testing.assert_array_equal(following[f"{name}.global_mean"], mean.astype(np.float32))
+            np.testing.assert_array_equal(following[f"{name}.global_var"], var.astype(np.float32))
+
+
+def fail_statistics_of(partition: int, change):
+    """A client mod: ``change(reply)`` for node ``partition``'s statistics replies."""
+
+    def mod(message, context, call_next):
+        is_statistics = message.metadata.message_type == STATISTICS_MESSAGE_TYPE
+        if is_statistics and context.node_config["partition-id"] == partition:
+            return change(message, call_next(message, context))
+        return call_next(message, context)
+
+    return mod
+
+
+def raise_disk_full(_message, _reply):
+    msg = "the node's disk is full"
+    raise OSError(msg)
+
+
+def nan_mean(_message, reply):
+    arrays = reply.content["hbn-statistics"]
+    corrupted = {k: v.numpy() for k, v in arrays.items()}
+    corrupted["norm1.mean"] = corrupted["norm1.mean"] * np.nan
+    reply.content["hbn-statistics"] = ArrayRecord(
+        {k: flwr.app.Array(v) for k, v in corrupted.items()}
+    )
+    return reply
+
+
+@pytest.mark.usefixtures("flower_environment")
+def test_failed_and_invalid_statistics_reports_are_logged_and_left_out(caplog):
+    config = small_config()
+    strategy = RecordingFedAvg(config=config, layout=_layout(config))
+    mods = [fail_statistics_of(1, raise_disk_full), fail_statistics_of(2, nan_mean)]
+    with caplog.at_level(logging.WARNING, logger="federation"):
+        simulate(config, strategy, num_nodes=4, mods=mods)
+
+    assert [r.round for r in strategy.history] == [1, 2]
+    for index, flower_round in enumerate(strategy.history):
+        assert len(flower_round.statistics_nodes) == 2
+        assert len(flower_round.trained_nodes) == 4
+        reasons = sorted(f.reason for f in flower_round.faults)
+        assert len(reasons) == 2
+        assert "disk is full" in reasons[1]
+        assert re.search("finite", reasons[0])
+        valid = [strategy.client_ids[node] for node in flower_round.statistics_nodes]
+        assert sorted(valid) == [0, 3]
+        expected = central_statistics(config, strategy.sent[index], valid)
+        assert_statistics_equal(flower_round.statistics, expected)
+    logged = caplog.text
+    assert "left out of the statistics step" in logged
+    assert "the node's disk is full" in logged
+    assert "finite" in logged
+
+
+# -- the strategy in this process: Flower's messages delivered without Ray -----------------------
+
+
+class LocalGrid:
+    """A Flower Grid that hands each message to a ClientApp in this process (no Ray, no link).
+
+    A node whose handler raises replies with an error, as Flower's runtime does.
+    """
+
+    def __init__(self, app, num_nodes: int) -> None:
+        self.app = app
+        self.contexts = {
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": node - 1, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for node in range(1, num_nodes + 1)
+        }
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ARG002 - no waiting here
+        replies = []
+        for message in messages:
+            try:
+                replies.append(self.app(message, self.contexts[message.metadata.dst_node_id]))
+            except Exception as error:  # the node's failure becomes its reply
+                reason = f"{type(error).__name__}: {error}"
+                replies.append(Message(Error(code=0, reason=reason), reply_to=message))
+        return replies
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """The identity Flower's runtime gives the ServerApp, which messages are created with."""
+    for name, value in {"_run_id": 1, "_task_id": 1, "_node_id": 0}.items():
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def start(strategy, config, grid):
+    initial = Simulation(config, dataset=DIGITS)
+    names = select(initial.layout, Role.SHARED, Role.STATISTICS)
+    arrays = ArrayRecord({k: flwr.app.Array(initial.global_state[k]) for k in names})
+    return strategy.start(grid, arrays, num_rounds=config.rounds, timeout=60)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_too_few_valid_reports_fail_the_round_and_keep_the_state(caplog):
+    config = small_config(clients={"min_clients": 3}, rounds=2)
+    mods = [fail_statistics_of(0, raise_disk_full), fail_statistics_of(1, raise_disk_full)]
+    grid = LocalGrid(make_client_app(config, dataset=DIGITS, mods=mods), 4)
+    strategy = HBNFedAvg(config=config, layout=_layout(config))
+    with (
+        caplog.at_level(logging.WARNING, logger="federation"),
+        pytest.raises(
+            RoundFailedError,
+            match=r"round 1: only 2 valid nodes in the statistics step.*disk is full",
+        ),
+    ):
+        start(strategy, config, grid)
+    assert strategy.history == []
+    assert caplog.text.count("left out of the statistics step") == 2
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_statistics_counters_and_alpha_sent_by_a_node_never_reach_the_base_strategy():
+    """A node that echoes its whole state: only the shared tensors are averaged."""
+    config = small_config(rounds=1)
+    layout = _layout(config)
+
+    def echo_everything(message, context, call_next):
+        reply = call_next(message, context)
+        if message.metadata.message_type == "train":
+            arrays = dict(reply.content["arrays"])
+            received = next(iter(message.content.array_records.values()))
+            arrays |= {k: v for k, v in received.items() if k.endswith(("_mean", "_var"))}
+            arrays["norm1.alpha"] = flwr.app.Array(np.full(16, 5.0, np.float32))
+            arrays["norm1.num_batches_tracked"] = flwr.app.Array(np.asarray(7, np.int64))
+            reply.content["arrays"] = ArrayRecord(arrays)
+        return reply
+
+    seen = []
+
+    class SpyFedAdam(HBNFedAdam):
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            result = super().aggregate_train(server_round, replies)
+            seen.extend(set(next(iter(r.content.array_records.values()))) for r in replies)
+            return result
+
+    grid = LocalGrid(make_client_app(config, dataset=DIGITS, mods=[echo_everything]), 4)
+    strategy = SpyFedAdam(config=config, layout=layout)
+    result = start(strategy, config, grid)
+    shared = set(select(layout, Role.SHARED))
+    assert seen == [shared] * 4
+    assert set(result.arrays) == shared | set(select(layout, Role.STATISTICS))
+    (round_,) = strategy.history
+    for name, (mean, var) in round_.statistics.items():
+        np.testing.assert_array_equal(
+            result.arrays[f"{name}.global_var"].numpy(), var.astype(np.float32)
+        )
+        np.testing.assert_array_equal(
+            result.arrays[f"{name}.global_mean"].numpy(), mean.astype(np.float32)
+        )
+
+
+def test_the_run_configuration_maps_onto_the_hbn_configuration():
+    config, options = config_from_run_config(
+        {
+            "rounds": 3,
+            "train.lr": 0.1,
+            "clients.frameworks.torch": 2,
+            "clients.frameworks.jax": 2,
+            "data.num_clients": 4,
+            "flower.timeout": 60.0,
+        }
+    )
+    assert config.rounds == 3
+    assert config.train.lr == 0.1
+    assert config.client_frameworks == ["torch", "torch", "jax", "jax"]
+    assert options.timeout == 60.0
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['flower.port'\]"):
+        config_from_run_config({"flower.port": 1})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['train.rate'\]"):
+        config_from_run_config({"train.rate": 1})
+
+
+def test_what_cannot_run_on_flower_is_refused():
+    layout = _layout(small_config())
+    with pytest.raises(ConfigError, match=r"`alpha\.policy` must be 'personal'"):
+        HBNFedAvg(config=small_config(alpha={"policy": "averaged"}), layout=layout)
+    with pytest.raises(ConfigError, match=r"`eval\.statistics` must be 'ema'"):
+        HBNFedAvg(config=small_config(eval={"statistics": "sync"}), layout=layout)
+
+
+def _layout(config):
+    model = config.model
+    spec = ModelSpec(
+        model.architecture, model.norm, DIGITS.input_shape, DIGITS.num_classes, hidden=model.hidden
+    )
+    return spec.layout()
+
+
+# -- flwr run ------------------------------------------------------------------------------------
+
+
+def test_flwr_run_runs_the_app_and_its_result_says_so(flower_environment, tmp_path):
+    """``flwr run`` on a local SuperLink, offline; the result is read from ``results.json``."""
+    flwr_command = shutil.which("flwr", path=os.path.dirname(sys.executable))
+    assert flwr_command is not None, "the flower extra installs the flwr command"
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", LOCAL_SUPERLINK_PORT)) == 0:
+            pytest.fail(
+                f"a SuperLink already listens on port {LOCAL_SUPERLINK_PORT}; stop it first"
+            )
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+    )
+    out = tmp_path / "out"
+    environment = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+    }
+    run_config = (
+        "rounds=2 data.num_clients=4 data.beta=1.0 model.architecture='mlp' "
+        "clients.frameworks.torch=4 clients.frameworks.jax=0 clients.min_clients=2 "
+        f"flower.out_dir='{out}' flower.timeout=300.0"
+    )
+    try:
+        completed = subprocess.run(
+            [
+                flwr_command,
+                "run",
+                str(ROOT / "examples" / "flower-app"),
+                "local",
+                "--stream",
+                "--federation-config",
+                "num-supernodes=4",
+                "--run-config",
+                run_config,
+            ],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        for pid in processes_with(flower_environment):
+            os.kill(pid, signal.SIGTERM)
+    log = completed.stdout + completed.stderr
+    results = out / "results.json"
+    assert results.is_file(), f"the run wrote no results (exit code {completed.returncode}):\n{log}"
+    document = json.loads(results.read_text())
+    assert document["status"] == "completed", document["error"]
+    assert [r["round"] for r in document["rounds"]] == [1, 2]
+    assert all(r["faults"] == [] for r in document["rounds"])
+    with np.load(out / "global_state.npz") as state:
+        assert (state["norm1.global_var"] > 0).all()
