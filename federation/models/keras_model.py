@@ -19,9 +19,9 @@ HBN ``alpha``                   ``alpha`` (trainable)
 HBN ``global_mean/var``         ``global_mean``, ``global_var`` (non-trainable)
 ==============================  ====================================================
 
-Every layer is float32 and channels-last whatever Keras' global settings say. The convolutions
-use ``padding="same"``, which at stride 1 and with a 3x3 kernel pads one pixel on each side:
-torch's ``padding=1``. Training and evaluation are Keras' own compiled steps
+Every layer is in the spec's dtype and channels-last whatever Keras' global settings say. The
+convolutions use ``padding="same"``, which at stride 1 and with a 3x3 kernel pads one pixel on
+each side: torch's ``padding=1``. Training and evaluation are Keras' own compiled steps
 (``train_on_batch`` with an optimiser of ours, ``predict_on_batch``, whose logits give the
 cross-entropy in float64 NumPy), compiled once per model: the optimiser's hyperparameters are
 variables, so a new learning rate or a new state does not retrace. They run on every Keras
@@ -75,12 +75,11 @@ _KERAS_NAMES = {
 }
 # torch's BatchNorm momentum 0.1 weights the new batch; Keras' momentum weights the old average.
 _BATCHNORM_MOMENTUM = 1.0 - 0.1
-_FLOAT = "float32"
 _CHANNELS_LAST = "channels_last"
 
 
 def _norm(spec: ModelSpec, name: str) -> keras.layers.Layer:
-    options: dict[str, Any] = {"epsilon": spec.eps, "name": name, "dtype": _FLOAT}
+    options: dict[str, Any] = {"epsilon": spec.eps, "name": name, "dtype": spec.dtype}
     if spec.norm == "hbn":
         return hbn_keras.HybridBatchNormalization(**options)
     if spec.norm == "bn":
@@ -95,7 +94,7 @@ def _layer(spec: ModelSpec, layer: LayerSpec, seed: int) -> keras.layers.Layer:
         return _norm(spec, layer.name)
     options: dict[str, Any] = {
         "name": layer.name,
-        "dtype": _FLOAT,
+        "dtype": spec.dtype,
         "kernel_initializer": keras.initializers.LecunNormal(seed=seed),
     }
     if layer.kind == "conv":
@@ -113,19 +112,20 @@ def _network(spec: ModelSpec, *, seed: int) -> keras.Model:
     layers = {
         layer.name: _layer(spec, layer, int(s)) for layer, s in zip(specs, seeds, strict=True)
     }
-    images = keras.Input(spec.input_shape, dtype=_FLOAT, name="images")
-    x = keras.layers.Permute((2, 3, 1), dtype=_FLOAT, name="to_channels_last")(images)
+    dtype = spec.dtype
+    images = keras.Input(spec.input_shape, dtype=dtype, name="images")
+    x = keras.layers.Permute((2, 3, 1), dtype=dtype, name="to_channels_last")(images)
     if spec.architecture == "mlp":
-        x = _flatten(x, "flatten")
-        x = _relu(_norm_or_identity(layers, "norm1", layers["fc1"](x)), "relu1")
+        x = _flatten(x, "flatten", dtype)
+        x = _relu(_norm_or_identity(layers, "norm1", layers["fc1"](x)), "relu1", dtype)
         return keras.Model(images, layers["fc2"](x), name="mlp")
     for index in range(1, len(spec.channels) + 1):
         x = layers[f"conv{index}"](x)
-        x = _relu(_norm_or_identity(layers, f"norm{index}", x), f"relu{index}")
+        x = _relu(_norm_or_identity(layers, f"norm{index}", x), f"relu{index}", dtype)
         x = keras.layers.MaxPooling2D(
-            2, data_format=_CHANNELS_LAST, dtype=_FLOAT, name=f"pool{index}"
+            2, data_format=_CHANNELS_LAST, dtype=dtype, name=f"pool{index}"
         )(x)
-    x = _relu(layers["fc1"](_flatten(x, "flatten")), "relu_fc1")
+    x = _relu(layers["fc1"](_flatten(x, "flatten", dtype)), "relu_fc1", dtype)
     return keras.Model(images, layers["fc2"](x), name="simple_cnn")
 
 
@@ -133,12 +133,12 @@ def _norm_or_identity(layers: dict[str, keras.layers.Layer], name: str, x: Any) 
     return layers[name](x) if name in layers else x
 
 
-def _relu(x: Any, name: str) -> Any:
-    return keras.layers.ReLU(dtype=_FLOAT, name=name)(x)
+def _relu(x: Any, name: str, dtype: str) -> Any:
+    return keras.layers.ReLU(dtype=dtype, name=name)(x)
 
 
-def _flatten(x: Any, name: str) -> Any:
-    return keras.layers.Flatten(data_format=_CHANNELS_LAST, dtype=_FLOAT, name=name)(x)
+def _flatten(x: Any, name: str, dtype: str) -> Any:
+    return keras.layers.Flatten(data_format=_CHANNELS_LAST, dtype=dtype, name=name)(x)
 
 
 class _TorchSGD(keras.optimizers.Optimizer):
@@ -151,17 +151,19 @@ class _TorchSGD(keras.optimizers.Optimizer):
     reuse the compiled train step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: str) -> None:
         super().__init__(learning_rate=0.0, name="torch_sgd")
+        self.hyperparameter_dtype = dtype
 
     def build(self, variables: list[keras.Variable]) -> None:
         """Create the hyperparameters and one momentum buffer per variable."""
         if self.built:
             return
         super().build(variables)
-        self.momentum = self.add_variable((), name="momentum", dtype=_FLOAT)
-        self.coupled_weight_decay = self.add_variable((), name="weight_decay", dtype=_FLOAT)
-        self.clip_norm = self.add_variable((), name="clip_norm", dtype=_FLOAT)
+        dtype = self.hyperparameter_dtype
+        self.momentum = self.add_variable((), name="momentum", dtype=dtype)
+        self.coupled_weight_decay = self.add_variable((), name="weight_decay", dtype=dtype)
+        self.clip_norm = self.add_variable((), name="clip_norm", dtype=dtype)
         self.buffers = [self.add_variable_from_reference(v, "momentum_buffer") for v in variables]
 
     def reset(self, sgd: SGDConfig) -> None:
@@ -196,7 +198,7 @@ def _cross_entropy_sum(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 class KerasModel:
-    """A reference model in Keras 3 (float32), driven by the federation.
+    """A reference model in Keras 3 (in the spec's dtype), driven by the federation.
 
     HBN layers are :class:`backends.keras.HybridBatchNormalization`; BatchNorm is
     ``keras.layers.BatchNormalization`` with momentum 0.9 (torch's 0.1); ``"gn"`` and ``"ln"``
@@ -212,7 +214,7 @@ class KerasModel:
         self._kinds = {layer.name: layer.kind for layer in spec.layers()}
         self.network = _network(spec, seed=seed)
         self._weights = {weight.path: weight for weight in self.network.weights}
-        self._optimizer = _TorchSGD()
+        self._optimizer = _TorchSGD(spec.dtype)
         self.network.compile(
             optimizer=self._optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -224,16 +226,18 @@ class KerasModel:
         return self._weights[f"{layer}/{_KERAS_NAMES[self._kinds[layer]].get(leaf, leaf)}"]
 
     def get_state(self) -> dict[str, np.ndarray]:
-        """Every canonical tensor, copied to float32 NumPy in canonical layout."""
+        """Every canonical tensor, copied to NumPy in canonical layout."""
+        dtype = self.spec.dtype
         return {
-            name: from_channels_last(np.asarray(self._variable(name)).astype(np.float32), spec)
+            name: from_channels_last(np.asarray(self._variable(name)).astype(dtype), spec)
             for name, spec in self.layout.items()
         }
 
     def set_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Load every canonical tensor into its variable (Keras keeps no local counters)."""
         for name, spec in self.layout.items():
-            self._variable(name).assign(to_channels_last(np.asarray(state[name], np.float32), spec))
+            value = np.asarray(state[name], self.spec.dtype)
+            self._variable(name).assign(to_channels_last(value, spec))
 
     def collect_statistics(
         self, inputs: Iterable[np.ndarray], mode: CollectionMode
@@ -242,7 +246,7 @@ class KerasModel:
 
         The batches run eagerly. The HBN layers' paths in the network are their canonical names.
         """
-        batches = (np.asarray(images, np.float32) for images in inputs)
+        batches = (np.asarray(images, self.spec.dtype) for images in inputs)
         return hbn_keras.collect_statistics(self.network, batches, mode=mode)
 
     def train(self, batches: Iterable[Batch], sgd: SGDConfig) -> TrainResult:
@@ -251,7 +255,7 @@ class KerasModel:
         loss_sum, examples, steps = 0.0, 0, 0
         for images, labels in batches:
             loss = self.network.train_on_batch(
-                np.asarray(images, np.float32), np.asarray(labels, np.int64)
+                np.asarray(images, self.spec.dtype), np.asarray(labels, np.int64)
             )
             loss_sum += float(loss) * len(labels)
             examples += len(labels)
@@ -262,7 +266,7 @@ class KerasModel:
         """Summed cross-entropy and correct predictions in inference mode."""
         loss_sum, correct, examples = 0.0, 0, 0
         for images, labels in batches:
-            logits = np.asarray(self.network.predict_on_batch(np.asarray(images, np.float32)))
+            logits = np.asarray(self.network.predict_on_batch(np.asarray(images, self.spec.dtype)))
             loss_sum += _cross_entropy_sum(logits, labels)
             correct += int((logits.argmax(axis=1) == labels).sum())
             examples += len(labels)
