@@ -161,6 +161,8 @@ class _TorchSGD(keras.optimizers.Optimizer):
             return
         super().build(variables)
         dtype = self.hyperparameter_dtype
+        # Our own step size: Keras keeps `learning_rate` in float32 whatever the model's dtype.
+        self.step_size = self.add_variable((), name="step_size", dtype=dtype)
         self.momentum = self.add_variable((), name="momentum", dtype=dtype)
         self.coupled_weight_decay = self.add_variable((), name="weight_decay", dtype=dtype)
         self.clip_norm = self.add_variable((), name="clip_norm", dtype=dtype)
@@ -168,7 +170,7 @@ class _TorchSGD(keras.optimizers.Optimizer):
 
     def reset(self, sgd: SGDConfig) -> None:
         """Take the hyperparameters of ``sgd`` and zero the momentum buffers: a fresh optimiser."""
-        self.learning_rate = sgd.lr
+        self.step_size.assign(sgd.lr)
         self.momentum.assign(sgd.momentum)
         self.coupled_weight_decay.assign(sgd.weight_decay)
         self.clip_norm.assign(np.inf if sgd.clip_norm is None else sgd.clip_norm)
@@ -181,12 +183,12 @@ class _TorchSGD(keras.optimizers.Optimizer):
         scale = ops.where(norm > self.clip_norm, self.clip_norm / norm, 1.0)
         super().apply([g * scale for g in grads], trainable_variables)
 
-    def update_step(self, gradient: Any, variable: keras.Variable, learning_rate: Any) -> None:
+    def update_step(self, gradient: Any, variable: keras.Variable, learning_rate: Any) -> None:  # noqa: ARG002 - Keras' API
         """Coupled weight decay, momentum and the step of one variable."""
         buffer = self.buffers[self._get_variable_index(variable)]
         gradient = gradient + self.coupled_weight_decay * variable
         self.assign(buffer, self.momentum * buffer + gradient)
-        self.assign_sub(variable, learning_rate * buffer)
+        self.assign_sub(variable, self.step_size * buffer)
 
 
 def _cross_entropy_sum(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -217,7 +219,8 @@ class KerasModel:
         self._optimizer = _TorchSGD(spec.dtype)
         self.network.compile(
             optimizer=self._optimizer,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            # In the model's dtype: a Keras loss computes in floatx (float32) by default.
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=spec.dtype),
         )
         self._optimizer.build(self.network.trainable_variables)
 
