@@ -79,7 +79,11 @@ def _norm(spec: ModelSpec, channels: int, rngs: nnx.Rngs) -> nnx.Module:
     # no cancellation in float32.
     options.update(dtype=dtype, use_fast_variance=False)
     if spec.norm == "bn":
-        return nnx.BatchNorm(channels, momentum=_BATCHNORM_MOMENTUM, **options)
+        batchnorm = nnx.BatchNorm(channels, momentum=_BATCHNORM_MOMENTUM, **options)
+        # Flax keeps the running statistics in float32 whatever `param_dtype` says.
+        batchnorm.mean = nnx.BatchStat(jnp.zeros((channels,), dtype))
+        batchnorm.var = nnx.BatchStat(jnp.ones((channels,), dtype))
+        return batchnorm
     # "ln" is GroupNorm with one group (channels and space per example), not nnx.LayerNorm.
     return nnx.GroupNorm(channels, num_groups=GROUPS[spec.norm], **options)
 
