@@ -120,5 +120,5 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks (not run by CI); figures go to docs/benchmarks.md."""
-    session.install(TORCH, "-e", ".[all]")
+    session.install(TORCH, "-e", ".[all,flower]")
     session.run("python", "benchmarks/run.py", "--output", "docs/benchmarks.md", *session.posargs)

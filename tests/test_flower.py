@@ -423,6 +423,8 @@ def test_the_run_configuration_maps_onto_the_hbn_configuration():
     assert options.timeout == 60.0
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['flower.port'\]"):
         config_from_run_config({"flower.port": 1})
+    with pytest.raises(ConfigError, match=r"`flower\.timeout` must be a positive number"):
+        config_from_run_config({"flower.timeout": 0})
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['train.rate'\]"):
         config_from_run_config({"train.rate": 1})
 

@@ -76,6 +76,8 @@ class FlowerRound:
 
     ``statistics`` is the global statistics the round left (float64 ``(mean, var)`` per HBN
     layer); ``accuracy`` and ``loss`` are the nodes' evaluation, weighted by test examples.
+    ``seconds`` holds the wall time of each step, from its messages going out to its
+    aggregate: ``statistics``, ``training`` and ``evaluation``.
     """
 
     round: int
@@ -150,6 +152,7 @@ class HBNStrategy:
         self.history: list[FlowerRound] = []
         self.client_ids: dict[int, int] = {}
         self._pending: FlowerRound | None = None
+        self._clock = 0.0  # when the current step's messages went out
         self.query_timeout = query_timeout
 
     # -- the round ---------------------------------------------------------------------------
@@ -170,7 +173,7 @@ class HBNStrategy:
         lr = train.lr * train.lr_decay ** (server_round - 1)
         config["lr"] = lr
         shared = state_record({name: state[name] for name in self.shared_names})
-        messages = list(super().configure_train(server_round, shared, config, grid))  # type: ignore[misc]
+        messages = list(super().configure_train(server_round, shared, config, grid))
         nodes = [m.metadata.dst_node_id for m in messages]
         record = FlowerRound(round=server_round, lr=lr, sampled=nodes)
         self._pending = None
@@ -181,7 +184,8 @@ class HBNStrategy:
                 _statistics(state, self.hbn_layers), pooled, self.hbn_config.statistics.momentum
             )
             record.statistics_nodes = sorted(reports)
-        record.seconds["statistics"] = time.perf_counter() - start
+        self._clock = time.perf_counter()
+        record.seconds["statistics"] = self._clock - start
         self._pending = record
         for message in messages:
             message.content = _with_arrays(message.content, arrays)
@@ -227,7 +231,6 @@ class HBNStrategy:
         if record is None or record.round != server_round:
             msg = f"round {server_round}: aggregate_train without its configure_train."
             raise RuntimeError(msg)
-        start = time.perf_counter()
         replies = list(replies)
         valid = []
         for reply in replies:
@@ -240,7 +243,7 @@ class HBNStrategy:
                 valid.append(reply)
         self._fault_missing(record, "training", replies)
         self._require_enough(record, "training", len(valid))
-        shared, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        shared, metrics = super().aggregate_train(server_round, valid)
         if shared is None:
             msg = f"round {server_round}: the base strategy aggregated nothing."
             raise RoundFailedError(msg)
@@ -248,8 +251,8 @@ class HBNStrategy:
         state |= _statistics_state(record.statistics)
         record.trained_nodes = sorted(r.metadata.src_node_id for r in valid)
         if metrics is not None and "train-loss" in metrics:
-            record.train_loss = float(metrics["train-loss"])  # type: ignore[arg-type]
-        record.seconds["training"] = time.perf_counter() - start
+            record.train_loss = float(metrics["train-loss"])
+        record.seconds["training"] = time.perf_counter() - self._clock
         self.history.append(record)
         self._pending = None
         return state_record(state), metrics
@@ -289,16 +292,18 @@ class HBNStrategy:
         every, last = self.hbn_config.eval.every, self.hbn_config.rounds
         if server_round % every and server_round != last:
             return []
-        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc,no-any-return]
+        self._clock = time.perf_counter()
+        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """The base strategy's weighted evaluation metrics, also kept in :attr:`history`."""
-        metrics: MetricRecord | None = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+        metrics: MetricRecord | None = super().aggregate_evaluate(server_round, replies)
         if metrics is not None and self.history and self.history[-1].round == server_round:
             self.history[-1].accuracy = _metric(metrics, "accuracy")
             self.history[-1].loss = _metric(metrics, "loss")
+            self.history[-1].seconds["evaluation"] = time.perf_counter() - self._clock
         return metrics
 
     # -- faults ------------------------------------------------------------------------------

@@ -127,7 +127,14 @@ def read_report(content: RecordDict, layers: Iterable[str]) -> StatisticsReport:
             raise ValueError(msg)
         moments[layer] = Moments(count, arrays[f"{layer}.mean"], arrays[f"{layer}.m2"])
     metrics = content.metric_records[REPORT_KEY]
-    return StatisticsReport(moments, metrics.get("examples"), metrics.get("dataset-size"))  # type: ignore[arg-type]
+    examples, dataset_size = metrics.get("examples"), metrics.get("dataset-size")
+    if not isinstance(examples, int) or not isinstance(dataset_size, int):
+        msg = (
+            "the report's `examples` and `dataset-size` must be integers; "
+            f"got {examples!r} and {dataset_size!r}."
+        )
+        raise ValueError(msg)
+    return StatisticsReport(moments, examples, dataset_size)
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, ServerOptions]:
@@ -155,8 +162,12 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Serve
     if unknown:
         msg = f"unknown key(s) {['flower.' + k for k in unknown]}; flower allows {sorted(fields)}."
         raise ConfigError(msg)
-    options = ServerOptions(
-        timeout=float(flower.get("timeout", ServerOptions.timeout)),
-        out_dir=str(flower.get("out_dir", ServerOptions.out_dir)),
-    )
-    return parse_config(table), options
+    timeout = flower.get("timeout", ServerOptions.timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        msg = f"`flower.timeout` must be a positive number of seconds; got {timeout!r}."
+        raise ConfigError(msg)
+    out_dir = flower.get("out_dir", ServerOptions.out_dir)
+    if not isinstance(out_dir, str):
+        msg = f"`flower.out_dir` must be a string (a folder, or empty); got {out_dir!r}."
+        raise ConfigError(msg)
+    return parse_config(table), ServerOptions(float(timeout), out_dir)
