@@ -77,21 +77,36 @@ def small_config(**sections: object) -> object:
 # -- processes -----------------------------------------------------------------------------------
 
 
-def processes_with(token: str) -> list[int]:
-    """Processes other than this one whose environment carries ``token`` (Linux /proc)."""
+def processes_with(token: str) -> dict[int, str]:
+    """Live processes but this one whose environment carries ``token``, with their commands."""
     marker = f"{TOKEN_VARIABLE}={token}".encode()
-    found = []
+    found = {}
     for entry in pathlib.Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             environment = (entry / "environ").read_bytes()
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
         if marker in environment.split(b"\0") and state != "Z":
-            found.append(int(entry.name))
+            found[int(entry.name)] = command.strip()
     return found
+
+
+def wait_for_exit(token: str, seconds: float, *, ignore: tuple[str, ...] = ()) -> dict[int, str]:
+    """The processes of ``token`` still alive after up to ``seconds``, ``ignore``'d ones aside."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = {
+            pid: command
+            for pid, command in processes_with(token).items()
+            if not any(name in command for name in ignore)
+        }
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 @pytest.fixture
@@ -107,9 +122,7 @@ def flower_environment(monkeypatch):
     }.items():
         monkeypatch.setenv(name, value)
     yield token
-    deadline = time.monotonic() + 30
-    while (left := processes_with(token)) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    left = wait_for_exit(token, 30)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left running after the test: {left}"
@@ -448,6 +461,15 @@ def _layout(config):
 # -- flwr run ------------------------------------------------------------------------------------
 
 
+def stop_local_superlink(token: str) -> None:
+    """Stop the SuperLink ``flwr run`` left running, once the run's own processes are gone."""
+    superlink = ("flower-superlink", "flower-superexec")
+    wait_for_exit(token, 60, ignore=superlink)
+    for pid, command in processes_with(token).items():
+        if any(name in command for name in superlink):
+            os.kill(pid, signal.SIGTERM)
+
+
 def test_flwr_run_runs_the_app_and_its_result_says_so(flower_environment, tmp_path):
     """``flwr run`` on a local SuperLink, offline; the result is read from ``results.json``."""
     flwr_command = shutil.which("flwr", path=os.path.dirname(sys.executable))
@@ -494,8 +516,7 @@ def test_flwr_run_runs_the_app_and_its_result_says_so(flower_environment, tmp_pa
             check=False,
         )
     finally:
-        for pid in processes_with(flower_environment):
-            os.kill(pid, signal.SIGTERM)
+        stop_local_superlink(flower_environment)
     log = completed.stdout + completed.stderr
     results = out / "results.json"
     assert results.is_file(), f"the run wrote no results (exit code {completed.returncode}):\n{log}"
