@@ -293,10 +293,10 @@ def test_failed_and_invalid_statistics_reports_are_logged_and_left_out(caplog):
 
     assert [r.round for r in strategy.history] == [1, 2]
     for index, flower_round in enumerate(strategy.history):
-        assert len(flower_round.statistics_nodes) == 2
-        assert len(flower_round.trained_nodes) == 4
+        assert len(flower_round.statistics_nodes) == 2, flower_round.faults
+        assert len(flower_round.trained_nodes) == 4, flower_round.faults
         reasons = sorted(f.reason for f in flower_round.faults)
-        assert len(reasons) == 2
+        assert len(reasons) == 2, flower_round.faults
         assert "disk is full" in reasons[1]
         assert re.search("finite", reasons[0])
         valid = [strategy.client_ids[node] for node in flower_round.statistics_nodes]
