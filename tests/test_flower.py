@@ -526,3 +526,23 @@ def test_flwr_run_runs_the_app_and_its_result_says_so(flower_environment, tmp_pa
     assert all(r["faults"] == [] for r in document["rounds"])
     with np.load(out / "global_state.npz") as state:
         assert (state["norm1.global_var"] > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("package", "absent"),
+    [
+        ("federation", ("flwr", "ray")),
+        ("federation.flower", ("ray", "torch", "jax", "flax", "tensorflow", "keras")),
+    ],
+)
+def test_imports_stay_light(package, absent):
+    """``import federation`` never imports Flower; ``federation.flower`` no framework or Ray."""
+    code = (
+        f"import json, sys; import {package}; "
+        "print(json.dumps(sorted({m.partition('.')[0] for m in sys.modules})))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    imported = set(json.loads(completed.stdout))
+    assert imported.isdisjoint(absent), sorted(imported & set(absent))
