@@ -8,7 +8,9 @@ For each library and shape, the baseline is measured in the same run:
 Reported figures are medians over repeats, and the ratio is core / baseline (lower is better).
 Usage: ``python benchmarks/run.py --output docs/benchmarks.md`` (``nox -s bench``); it also
 runs the layer benchmarks (``benchmarks/torch_layer.py``, ``benchmarks/flax_layer.py``,
-``benchmarks/keras_layer.py``).
+``benchmarks/keras_layer.py``), the federation's own overhead per round
+(``benchmarks/federation_overhead.py``) and the embedded simulation against Flower's
+(``benchmarks/flower_overhead.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import os
 import platform
 from typing import TYPE_CHECKING
 
+import federation_overhead
 import flax_layer
+import flower_overhead
 import keras_layer
 import numpy as np
 import torch
@@ -148,6 +152,8 @@ def main() -> None:
         *torch_layer.run(options.repeats),
         *flax_layer.run(options.repeats),
         *keras_layer.run(options.repeats),
+        *federation_overhead.section(),
+        *flower_overhead.section(),
     ]
     with open(options.output, "w") as handle:
         handle.write("\n".join(lines))
