@@ -101,10 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_with_progress(config: Config, arguments: argparse.Namespace, console: Console) -> Result:
     progress = Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=16),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[metrics]}"),
         TimeElapsedColumn(),
+        TextColumn("{task.fields[metrics]}"),
         console=console,
     )
     rounds = progress.add_task("rounds", total=config.rounds, metrics="")
@@ -118,15 +118,15 @@ def _run_with_progress(config: Config, arguments: argparse.Namespace, console: C
 
     def on_client(step: str, client: Client) -> None:
         progress.update(
-            steps, advance=1, description=f"{step} ({client.framework} client {client.client_id})"
+            steps, advance=1, description=f"{step}: {client.framework} client {client.client_id}"
         )
 
     def on_round(record: RoundRecord) -> None:
         metrics = f"train loss {record.train_loss:.3f}"
         if record.accuracy is not None:
-            metrics = f"acc {record.accuracy:.3f}  loss {record.loss:.3f}  " + metrics
+            metrics = f"acc {record.accuracy:.3f} loss {record.loss:.3f}"
         progress.update(rounds, advance=1, metrics=metrics)
-        progress.update(steps, completed=0)
+        progress.update(steps, completed=0, visible=record.round < config.rounds)
 
     with progress:
         return run(
