@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from federation.layout import Layout, State
     from federation.models import FrameworkModel
 
-__all__ = ["Fault", "RoundFailedError", "RoundRecord", "Simulation"]
+__all__ = ["Fault", "RoundFailedError", "RoundRecord", "Simulation", "Stream", "seeded_rng"]
 
 logger = logging.getLogger("federation")
 Result = TypeVar("Result")
@@ -57,6 +57,15 @@ class Stream(enum.IntEnum):
     STATISTICS = 2
     TRAINING = 3
     SYNC_STATISTICS = 4
+
+
+def seeded_rng(seed: int, stream: Stream, round_index: int, client: int) -> np.random.Generator:
+    """The generator of one draw: seeded by the run's seed, its purpose, the round, the client.
+
+    Every engine that runs this protocol (this simulation, :mod:`federation.flower`) draws from
+    it, so that they sample, shuffle and split alike.
+    """
+    return np.random.default_rng([seed, stream, round_index, client])
 
 
 class RoundFailedError(RuntimeError):
@@ -172,7 +181,7 @@ class Simulation:
         return {name: build_model(name, spec, seed=self.config.seed) for name in frameworks}
 
     def _rng(self, stream: Stream, round_index: int, client: int = 0) -> np.random.Generator:
-        return np.random.default_rng([self.config.seed, stream, round_index, client])
+        return seeded_rng(self.config.seed, stream, round_index, client)
 
     # -- sampling ---------------------------------------------------------------------------
 

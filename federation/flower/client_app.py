@@ -36,7 +36,7 @@ from federation.flower.wire import (
 )
 from federation.layout import Role, check_state, select
 from federation.models import ModelSpec, build_model
-from federation.simulation import Stream
+from federation.simulation import Stream, seeded_rng
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -97,7 +97,7 @@ class _Node:
     ) -> np.random.Generator:
         """The generator :class:`~federation.simulation.Simulation` uses for this draw."""
         client = self.client_id if client is None else client
-        return np.random.default_rng([self.config.seed, stream, round_index, client])
+        return seeded_rng(self.config.seed, stream, round_index, client)
 
     def received(self, message: Message) -> tuple[State, int, dict[str, object]]:
         """The message's global state (checked), round index (from 0) and config."""
