@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import array_api_compat.numpy as numpy_xp
 import numpy as np
 
 import hbn_core
@@ -76,7 +77,7 @@ def _global_pair(name: str, channels: int, m: Moments) -> tuple[np.ndarray, np.n
         msg = f"`statistics[{name!r}]` must have a positive count; got {count}."
         raise ValueError(msg)
     moments = Moments(count.astype(np.int64), mean.astype(np.float64), m2.astype(np.float64))
-    var = hbn_core.variance(moments)
+    var = hbn_core.variance(moments, xp=numpy_xp)  # xp given: no namespace lookup per call
     if not (np.isfinite(moments.mean).all() and np.isfinite(var).all() and (var >= 0).all()):
         msg = f"`statistics[{name!r}]` must hold finite means and non-negative finite variances."
         raise ValueError(msg)

@@ -224,6 +224,8 @@ class Simulation:
             faults=faults,
         )
         server_done = time.perf_counter()
+        # Before evaluation, whose synchronous statistics pass (if any) is the server's.
+        client_compute = sum(c.compute_seconds for c in sampled)
         if self._evaluates(round_index):
             record.accuracy, record.loss = self.evaluate(round_index, sampled)
         end = time.perf_counter()
@@ -232,7 +234,7 @@ class Simulation:
             "training": training_done - statistics_done,
             "server": server_done - training_done,
             "evaluation": end - server_done,
-            "client_compute": sum(c.compute_seconds for c in sampled),
+            "client_compute": client_compute,
             "total": end - start,
         }
         self.history.append(record)
