@@ -23,13 +23,14 @@ Examples
 from __future__ import annotations
 
 import numbers
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 from keras import ops
 
 import hbn_core
+from backends._collection import CollectionMode, check_collection_mode, empty_moments
 from backends._global_statistics import checked_global_statistics
 from hbn_core import Moments
 
@@ -44,7 +45,6 @@ __all__ = [
     "set_global_statistics",
 ]
 
-CollectionMode = Literal["hybrid", "global"]
 
 # During collect_statistics: id(layer) -> (mode, record(inputs)); empty otherwise.
 _RECORDERS: dict[int, tuple[CollectionMode, Callable[[Any], None]]] = {}
@@ -350,9 +350,7 @@ def collect_statistics(
     ValueError
         If ``mode`` is neither ``"hybrid"`` nor ``"global"``, or ``model`` has no HBN layer.
     """
-    if mode not in ("hybrid", "global"):
-        msg = f"`mode` must be 'hybrid' or 'global'; got {mode!r}."
-        raise ValueError(msg)
+    check_collection_mode(mode)
     layers = hbn_layers(model)
     if not layers:
         msg = (
@@ -365,7 +363,7 @@ def collect_statistics(
     def recorder(name: str, axis: int) -> Callable[[Any], None]:
         def record(inputs: Any) -> None:
             data = np.asarray(ops.convert_to_numpy(inputs), np.float64)
-            total = totals.get(name, _empty_moments(data.shape[axis]))
+            total = totals.get(name, empty_moments(data.shape[axis]))
             totals[name] = hbn_core.merge_moments(total, hbn_core.moments(data, channel_axis=axis))
 
         return record
@@ -378,13 +376,8 @@ def collect_statistics(
         for _, layer in layers:
             _RECORDERS.pop(id(layer), None)
     return {
-        name: totals.get(name, _empty_moments(layer.num_features or 0)) for name, layer in layers
+        name: totals.get(name, empty_moments(layer.num_features or 0)) for name, layer in layers
     }
-
-
-def _empty_moments(num_features: int) -> Moments:
-    zeros = np.zeros(num_features)
-    return Moments(np.asarray(0, np.int64), zeros, zeros)
 
 
 def set_global_statistics(model: keras.layers.Layer, statistics: Mapping[str, Moments]) -> None:

@@ -19,7 +19,7 @@ torch.Size([8, 3, 4, 4])
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import array_api_compat.torch as torch_xp
 import numpy as np
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import hbn_core
+from backends._collection import CollectionMode, check_collection_mode
 from backends._global_statistics import checked_global_statistics
 from hbn_core import HBNResiduals, Moments
 
@@ -43,8 +44,6 @@ __all__ = [
     "hbn_layers",
     "set_global_statistics",
 ]
-
-CollectionMode = Literal["hybrid", "global"]
 
 
 class _HybridBatchNormFunction(torch.autograd.Function):
@@ -409,9 +408,7 @@ def collect_statistics(
     >>> int(stats["1"].count)  # 3 batches of 8 images of 4x4
     384
     """
-    if mode not in ("hybrid", "global"):
-        msg = f"`mode` must be 'hybrid' or 'global'; got {mode!r}."
-        raise ValueError(msg)
+    check_collection_mode(mode)
     layers = hbn_layers(model)
     if not layers:
         msg = f"`model` has no HBN layer (HybridBatchNorm*); got a {type(model).__name__}."

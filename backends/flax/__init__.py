@@ -19,7 +19,7 @@ Examples
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 import hbn_core
+from backends._collection import CollectionMode, check_collection_mode, empty_moments
 from backends._global_statistics import checked_global_statistics
 from hbn_core import Moments
 
@@ -42,7 +43,6 @@ __all__ = [
     "set_global_statistics",
 ]
 
-CollectionMode = Literal["hybrid", "global"]
 
 # During collect_statistics: id(layer) -> (mode, record(moments)); empty otherwise.
 _RECORDERS: dict[int, tuple[CollectionMode, Callable[[Moments], None]]] = {}
@@ -285,9 +285,7 @@ def collect_statistics(
     ValueError
         If ``mode`` is neither ``"hybrid"`` nor ``"global"``, or ``model`` has no HBN layer.
     """
-    if mode not in ("hybrid", "global"):
-        msg = f"`mode` must be 'hybrid' or 'global'; got {mode!r}."
-        raise ValueError(msg)
+    check_collection_mode(mode)
     layers = hbn_layers(model)
     if not layers:
         msg = (
@@ -295,7 +293,7 @@ def collect_statistics(
             f"got a {type(model).__name__}."
         )
         raise ValueError(msg)
-    totals = {name: _empty_moments(layer.num_features) for name, layer in layers}
+    totals = {name: empty_moments(layer.num_features) for name, layer in layers}
 
     def recorder(name: str) -> Callable[[Moments], None]:
         def record(batch: Moments) -> None:
@@ -319,11 +317,6 @@ def collect_statistics(
             _RECORDERS.pop(id(layer), None)
         nnx.update(model, snapshot)
     return totals
-
-
-def _empty_moments(num_features: int) -> Moments:
-    zeros = np.zeros(num_features)
-    return Moments(np.asarray(0, np.int64), zeros, zeros)
 
 
 def set_global_statistics(model: nnx.Module, statistics: Mapping[str, Moments]) -> None:

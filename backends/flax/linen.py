@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import hbn_core
+from backends._collection import CollectionMode, check_collection_mode, empty_moments
 from backends._global_statistics import checked_global_statistics
-from backends.flax import CollectionMode, _empty_moments, hybrid_batch_norm
+from backends.flax import hybrid_batch_norm
 from hbn_core import Moments
 
 if TYPE_CHECKING:
@@ -162,9 +163,7 @@ def collect_statistics(
     ValueError
         If ``mode`` is neither ``"hybrid"`` nor ``"global"``, or no HBN layer sowed moments.
     """
-    if mode not in ("hybrid", "global"):
-        msg = f"`mode` must be 'hybrid' or 'global'; got {mode!r}."
-        raise ValueError(msg)
+    check_collection_mode(mode)
     run = apply or (lambda v, batch: module.apply(v, batch, mutable=[MOMENTS]))
     totals: dict[str, Moments] = {}
     with _collection_mode(mode):
@@ -176,7 +175,7 @@ def collect_statistics(
                     np.asarray(sown.mean, np.float64),
                     np.asarray(sown.m2, np.float64),
                 )
-                previous = totals.get(path, _empty_moments(batch_moments.mean.shape[0]))
+                previous = totals.get(path, empty_moments(batch_moments.mean.shape[0]))
                 totals[path] = hbn_core.merge_moments(previous, batch_moments)
     if not totals:
         msg = f"`module` has no HBN layer that saw a batch; got a {type(module).__name__}."
