@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from hbn_core import Moments
 
-__all__ = ["CollectionMode", "check_collection_mode", "empty_moments"]
+if TYPE_CHECKING:
+    from collections.abc import Sized
+
+__all__ = ["CollectionMode", "check_collection_mode", "empty_moments", "require_hbn_layers"]
 
 # How HBN layers normalise while statistics are collected: as in training, or with the global
 # statistics, as in evaluation.
@@ -26,3 +29,10 @@ def empty_moments(num_features: int) -> Moments:
     """The moments of no data, on the host: int64 count 0, float64 zeros for mean and m2."""
     zeros = np.zeros(num_features)
     return Moments(np.asarray(0, np.int64), zeros, zeros)
+
+
+def require_hbn_layers(layers: Sized, model: object, *, layer_type: str) -> None:
+    """Raise a ``ValueError`` naming ``model``'s type when it has no HBN layer (``layers``)."""
+    if not len(layers):
+        msg = f"`model` has no HBN layer ({layer_type}); got a {type(model).__name__}."
+        raise ValueError(msg)

@@ -30,7 +30,12 @@ import numpy as np
 from keras import ops
 
 import hbn_core
-from backends._collection import CollectionMode, check_collection_mode, empty_moments
+from backends._collection import (
+    CollectionMode,
+    check_collection_mode,
+    empty_moments,
+    require_hbn_layers,
+)
 from backends._global_statistics import checked_global_statistics
 from hbn_core import Moments
 
@@ -352,12 +357,7 @@ def collect_statistics(
     """
     check_collection_mode(mode)
     layers = hbn_layers(model)
-    if not layers:
-        msg = (
-            "`model` has no HBN layer (backends.keras.HybridBatchNormalization); "
-            f"got a {type(model).__name__}."
-        )
-        raise ValueError(msg)
+    require_hbn_layers(layers, model, layer_type="backends.keras.HybridBatchNormalization")
     totals: dict[str, Moments] = {}
 
     def recorder(name: str, axis: int) -> Callable[[Any], None]:

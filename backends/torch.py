@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import hbn_core
-from backends._collection import CollectionMode, check_collection_mode
+from backends._collection import CollectionMode, check_collection_mode, require_hbn_layers
 from backends._global_statistics import checked_global_statistics
 from hbn_core import HBNResiduals, Moments
 
@@ -410,9 +410,7 @@ def collect_statistics(
     """
     check_collection_mode(mode)
     layers = hbn_layers(model)
-    if not layers:
-        msg = f"`model` has no HBN layer (HybridBatchNorm*); got a {type(model).__name__}."
-        raise ValueError(msg)
+    require_hbn_layers(layers, model, layer_type="HybridBatchNorm*")
     busy = [name for name, layer in layers if layer._collector is not None]
     if busy:
         msg = (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from hypothesis import strategies as st
@@ -68,3 +68,29 @@ def chunks(
         offset + draw(hnp.arrays(np.float64, (n, channels), elements=floats(-1e3, 1e3)))
         for n in sizes
     ]
+
+
+@st.composite
+def axis_layer_cases(draw: st.DrawFn, *, offset_key: str = "offset") -> dict[str, Any]:
+    """Float64 weights and a 2-D to 4-D input with its channel axis, -1 or 1, as a dict.
+
+    ``offset_key`` names the offset as the framework under test does (Flax: ``"bias"``).
+    """
+    ndim = draw(st.integers(2, 4))
+    axis = draw(st.sampled_from([-1, 1]))
+    shape = [draw(st.integers(1, 5)) for _ in range(ndim)]
+    channels = shape[axis] = draw(st.integers(1, 4))
+
+    def vector(low: float, high: float) -> np.ndarray:
+        return draw(hnp.arrays(np.float64, (channels,), elements=floats(low, high)))
+
+    return {
+        "x": draw(hnp.arrays(np.float64, tuple(shape), elements=floats(-20, 20))),
+        "axis": axis,
+        "scale": vector(-2, 2),
+        offset_key: vector(-2, 2),
+        "alpha": vector(-4, 4),
+        "global_mean": vector(-3, 3),
+        "global_var": vector(0.1, 5),
+        "dy": draw(hnp.arrays(np.float64, tuple(shape), elements=floats(-1, 1))),
+    }

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tests import oracle
-from tests.strategies import floats
+from tests.strategies import axis_layer_cases, floats
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -25,27 +25,9 @@ pytestmark = pytest.mark.jax
 NAMES = ("scale", "bias", "alpha", "global_mean", "global_var")
 
 
-@st.composite
-def layer_cases(draw: st.DrawFn) -> dict:
+def layer_cases() -> st.SearchStrategy[dict]:
     """Float64 parameters and statistics, and a 2-D to 4-D input with its feature axis."""
-    ndim = draw(st.integers(2, 4))
-    axis = draw(st.sampled_from([-1, 1]))
-    shape = [draw(st.integers(1, 5)) for _ in range(ndim)]
-    channels = shape[axis] = draw(st.integers(1, 4))
-
-    def vector(low: float, high: float) -> np.ndarray:
-        return draw(hnp.arrays(np.float64, (channels,), elements=floats(low, high)))
-
-    return {
-        "x": draw(hnp.arrays(np.float64, tuple(shape), elements=floats(-20, 20))),
-        "axis": axis,
-        "scale": vector(-2, 2),
-        "bias": vector(-2, 2),
-        "alpha": vector(-4, 4),
-        "global_mean": vector(-3, 3),
-        "global_var": vector(0.1, 5),
-        "dy": draw(hnp.arrays(np.float64, tuple(shape), elements=floats(-1, 1))),
-    }
+    return axis_layer_cases(offset_key="bias")
 
 
 def make_layer(case: dict) -> object:

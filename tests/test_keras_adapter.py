@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tests import oracle
-from tests.strategies import floats
+from tests.strategies import axis_layer_cases, floats
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -54,27 +54,9 @@ def keras_rank_promotion() -> Iterator[None]:
         yield
 
 
-@st.composite
-def layer_cases(draw: st.DrawFn) -> dict:
+def layer_cases() -> st.SearchStrategy[dict]:
     """Float64 weights and a 2-D to 4-D input with its channel axis, -1 or 1."""
-    ndim = draw(st.integers(2, 4))
-    axis = draw(st.sampled_from([-1, 1]))
-    shape = [draw(st.integers(1, 5)) for _ in range(ndim)]
-    channels = shape[axis] = draw(st.integers(1, 4))
-
-    def vector(low: float, high: float) -> np.ndarray:
-        return draw(hnp.arrays(np.float64, (channels,), elements=floats(low, high)))
-
-    return {
-        "x": draw(hnp.arrays(np.float64, tuple(shape), elements=floats(-20, 20))),
-        "axis": axis,
-        "scale": vector(-2, 2),
-        "offset": vector(-2, 2),
-        "alpha": vector(-4, 4),
-        "global_mean": vector(-3, 3),
-        "global_var": vector(0.1, 5),
-        "dy": draw(hnp.arrays(np.float64, tuple(shape), elements=floats(-1, 1))),
-    }
+    return axis_layer_cases(offset_key="offset")
 
 
 def make_layer(case: dict, **kwargs: Any) -> Any:

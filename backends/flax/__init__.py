@@ -27,7 +27,12 @@ import numpy as np
 from flax import nnx
 
 import hbn_core
-from backends._collection import CollectionMode, check_collection_mode, empty_moments
+from backends._collection import (
+    CollectionMode,
+    check_collection_mode,
+    empty_moments,
+    require_hbn_layers,
+)
 from backends._global_statistics import checked_global_statistics
 from hbn_core import Moments
 
@@ -287,12 +292,7 @@ def collect_statistics(
     """
     check_collection_mode(mode)
     layers = hbn_layers(model)
-    if not layers:
-        msg = (
-            "`model` has no HBN layer (backends.flax.HybridBatchNorm); "
-            f"got a {type(model).__name__}."
-        )
-        raise ValueError(msg)
+    require_hbn_layers(layers, model, layer_type="backends.flax.HybridBatchNorm")
     totals = {name: empty_moments(layer.num_features) for name, layer in layers}
 
     def recorder(name: str) -> Callable[[Moments], None]:
