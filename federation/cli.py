@@ -22,7 +22,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from federation.config import ConfigError, parse_config
+from federation.config import ConfigError, load_config, parse_config
 from federation.runner import run
 from federation.simulation import RoundFailedError
 
@@ -79,8 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command == "demo":
             config = parse_config(_demo_table(), arguments.overrides)
         else:
-            from federation.config import load_config
-
             config = load_config(arguments.config, arguments.overrides)
     except (ConfigError, OSError) as error:
         console.print(f"[red]configuration error:[/red] {error}")

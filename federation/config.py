@@ -260,7 +260,11 @@ def _parse_override(override: str) -> dict[str, Any]:
 
 
 def _merged(base: dict[str, Any], updates: list[dict[str, Any]]) -> dict[str, Any]:
-    """``base`` with each update applied in turn; sections merge key by key, nothing is mutated."""
+    """``base`` with each update applied in turn; nothing is mutated.
+
+    Sections merge key by key. ``clients.frameworks`` is one value, the assignment of clients to
+    frameworks, so an update replaces it whole.
+    """
     result = dict(base)
     for update in updates:
         for key, value in update.items():

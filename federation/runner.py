@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import pathlib
@@ -109,15 +110,12 @@ def write_results(result: Result, out_dir: pathlib.Path) -> None:
 
 def _title(simulation: Simulation) -> str:
     config = simulation.config
-    frameworks = ", ".join(f"{n} {name}" for name, n in _counts(config.client_frameworks).items())
+    counts = collections.Counter(config.client_frameworks)
+    frameworks = ", ".join(f"{n} {name}" for name, n in counts.items())
     return (
         f"{config.model.architecture}-{config.model.norm} on {config.data.name}, "
         f"{config.data.partition}, {frameworks} clients ({config.protocol} protocol)"
     )
-
-
-def _counts(names: list[str]) -> dict[str, int]:
-    return {name: names.count(name) for name in dict.fromkeys(names)}
 
 
 def plot_accuracy(history: list[RoundRecord], path: pathlib.Path, *, title: str) -> None:
