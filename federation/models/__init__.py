@@ -66,7 +66,7 @@ class LayerSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A reference model, described once for every framework.
+    r"""A reference model, described once for every framework.
 
     Attributes
     ----------
@@ -92,6 +92,15 @@ class ModelSpec:
     dtype
         The parameters' and activations' dtype, ``"float32"`` or ``"float64"`` (for checking
         that frameworks agree to rounding; JAX needs ``jax_enable_x64`` for it).
+    feature_norm
+        FedFN's feature normalisation: the flattened features :math:`z \in \mathbb{R}^d` that
+        enter ``fc1`` become :math:`\sqrt{d}\, z / \max(\lVert z \rVert_2, 10^{-12})` per
+        example, in training and inference (the flatten order does not change the norm).
+    hybrid
+        How HBN layers mix statistics in training: ``"learned"``, with the learnable per-channel
+        ``alpha`` (HBN), or ``"global"``, with the global statistics only (alpha fixed at
+        :math:`+\infty`, not trained and not part of the layout): FBN, normalisation with
+        exactly pooled global statistics.
     """
 
     architecture: Architecture
@@ -102,6 +111,8 @@ class ModelSpec:
     channels: tuple[int, ...] = (16, 32, 64)
     eps: float = 1e-5
     dtype: Literal["float32", "float64"] = "float32"
+    feature_norm: bool = False
+    hybrid: Literal["learned", "global"] = "learned"
 
     def layers(self) -> list[LayerSpec]:
         """The layers, in forward order, with their canonical names."""
@@ -161,7 +172,8 @@ class ModelSpec:
         tensors = {f"{layer.name}.weight": vector, f"{layer.name}.bias": vector}
         if self.norm == "hbn":
             statistic = TensorSpec((layer.out_features,), Role.STATISTICS)
-            tensors[f"{layer.name}.alpha"] = TensorSpec((layer.out_features,), Role.PERSONAL)
+            if self.hybrid == "learned":
+                tensors[f"{layer.name}.alpha"] = TensorSpec((layer.out_features,), Role.PERSONAL)
             tensors[f"{layer.name}.global_mean"] = statistic
             tensors[f"{layer.name}.global_var"] = statistic
         elif self.norm == "bn":
@@ -235,8 +247,15 @@ class FrameworkModel(Protocol):
         """
         ...
 
-    def train(self, batches: Iterable[Batch], sgd: SGDConfig) -> TrainResult:
-        """Train on ``batches`` with a fresh :class:`SGDConfig` optimiser, in training mode."""
+    def train(
+        self, batches: Iterable[Batch], sgd: SGDConfig, *, freeze_statistics: bool = False
+    ) -> TrainResult:
+        """Train on ``batches`` with a fresh :class:`SGDConfig` optimiser, in training mode.
+
+        ``freeze_statistics``: BatchNorm layers normalise with their running statistics and
+        leave them unchanged, while their weight and bias still train (FixBN's second stage).
+        Other layers are unaffected.
+        """
         ...
 
     def evaluate(self, batches: Iterable[Batch]) -> EvalResult:

@@ -7,6 +7,7 @@ NCHW) are the canonical layouts, so this adapter converts only dtypes. HBN layer
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -35,7 +36,12 @@ __all__ = ["TorchModel", "build"]
 def _norm(spec: ModelSpec, channels: int, *, spatial: bool) -> nn.Module:
     if spec.norm == "hbn":
         layer_type = hbn_torch.HybridBatchNorm2d if spatial else hbn_torch.HybridBatchNorm1d
-        return layer_type(channels, eps=spec.eps, track_running_stats=False)
+        layer = layer_type(channels, eps=spec.eps, track_running_stats=False)
+        if spec.hybrid == "global":
+            with torch.no_grad():
+                layer.alpha.fill_(math.inf)
+            layer.alpha.requires_grad_(False)
+        return layer
     if spec.norm == "bn":
         return (nn.BatchNorm2d if spatial else nn.BatchNorm1d)(channels, eps=spec.eps)
     if spec.norm in ("gn", "ln"):
@@ -63,12 +69,18 @@ class _Network(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.architecture == "mlp":
-            x = F.relu(self._norm_or_identity("norm1")(self.fc1(x.flatten(1))))
+            x = F.relu(self._norm_or_identity("norm1")(self.fc1(self._features(x.flatten(1)))))
             return self.fc2(x)
         for index in range(1, len(self.spec.channels) + 1):
             x = getattr(self, f"conv{index}")(x)
             x = F.max_pool2d(F.relu(self._norm_or_identity(f"norm{index}")(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+        return self.fc2(F.relu(self.fc1(self._features(x.flatten(1)))))
+
+    def _features(self, z: torch.Tensor) -> torch.Tensor:
+        r"""FedFN's :math:`\sqrt{d}\, z / \lVert z \rVert_2` if the spec asks for it."""
+        if not self.spec.feature_norm:
+            return z
+        return F.normalize(z, dim=1, eps=1e-12) * math.sqrt(z.shape[1])
 
 
 @torch.no_grad()
@@ -123,10 +135,20 @@ class TorchModel:
                 self.network(self._tensor(x))
         return {name: Moments(*(t.numpy() for t in moments)) for name, moments in collected.items()}
 
-    def train(self, batches: Iterable[Batch], sgd: SGDConfig) -> TrainResult:
-        """SGD on ``batches`` with a fresh optimiser, as :class:`SGDConfig` says."""
+    def train(
+        self, batches: Iterable[Batch], sgd: SGDConfig, *, freeze_statistics: bool = False
+    ) -> TrainResult:
+        """SGD on ``batches`` with a fresh optimiser, as :class:`SGDConfig` says.
+
+        ``freeze_statistics`` puts BatchNorm layers in eval mode: they normalise with their
+        running statistics and leave them unchanged; weight and bias still train.
+        """
         self.network.train()
-        parameters = list(self.network.parameters())
+        if freeze_statistics:
+            for module in self.network.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        parameters = [p for p in self.network.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(
             parameters, lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay
         )
