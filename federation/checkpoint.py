@@ -1,11 +1,12 @@
 """Checkpoints that execute nothing when loaded: one ``.npz`` of arrays plus JSON metadata.
 
-A checkpoint holds the global state, the alpha average, every client's personal state, the
-round reached, the metrics so far and the resolved configuration. It holds no RNG state because
-none is needed: every draw of a round comes from a generator seeded by ``(seed, round, purpose,
-client)``. It is written to a temporary file in the same folder and renamed over the previous
-one, so a kill at any moment leaves either the old or the new checkpoint, whole. Loading uses
-``numpy.load(allow_pickle=False)``: the metadata is a JSON string, never a pickle.
+A checkpoint holds the global state, the personal average, the server's momentum, every
+client's personal state, the round reached, the metrics so far and the resolved configuration.
+It holds no RNG state because none is needed: every draw of a round comes from a generator
+seeded by ``(seed, round, purpose, client)``. It is written to a temporary file in the same
+folder and renamed over the previous one, so a kill at any moment leaves either the old or the
+new checkpoint, whole. Loading uses ``numpy.load(allow_pickle=False)``: the metadata is a JSON
+string, never a pickle.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FORMAT_VERSION", "load_checkpoint", "save_checkpoint"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _META = "__meta__"
 
 
@@ -34,7 +35,8 @@ def save_checkpoint(simulation: Simulation, path: str | os.PathLike[str]) -> Non
     """Write ``simulation``'s state to ``path`` atomically."""
     path = pathlib.Path(path)
     arrays = {f"global/{k}": v for k, v in simulation.global_state.items()}
-    arrays |= {f"alpha_average/{k}": v for k, v in simulation.alpha_average.items()}
+    arrays |= {f"personal_average/{k}": v for k, v in simulation.personal_average.items()}
+    arrays |= {f"server_velocity/{k}": v for k, v in simulation.server_velocity.items()}
     for client in simulation.clients:
         if client.personal is not None:
             arrays |= {f"personal/{client.client_id}/{k}": v for k, v in client.personal.items()}
@@ -70,7 +72,8 @@ def load_checkpoint(simulation: Simulation, path: str | os.PathLike[str]) -> Non
         raise ValueError(msg)
     _check_same_run(meta["config"], simulation.config.to_dict(), path)
     simulation.global_state = _section(arrays, "global/")
-    simulation.alpha_average = _section(arrays, "alpha_average/")
+    simulation.personal_average = _section(arrays, "personal_average/")
+    simulation.server_velocity = _section(arrays, "server_velocity/")
     for client in simulation.clients:
         personal = _section(arrays, f"personal/{client.client_id}/")
         client.personal = personal or None

@@ -140,7 +140,7 @@ def _run_with_progress(config: Config, arguments: argparse.Namespace, console: C
 def _final_table(result: Result) -> Table:
     config = result.simulation.config
     frameworks = ", ".join(sorted(set(config.client_frameworks)))
-    model = f"{config.model.architecture}-{config.model.norm}"
+    model = f"{config.method}, {config.model.architecture}"
     table = Table(title=f"HBN federation: {model}, {frameworks} clients")
     for column in ("round", "test accuracy", "test loss", "train loss", "faults", "seconds"):
         table.add_column(column, justify="right")

@@ -34,8 +34,9 @@ class Update(NamedTuple):
     Attributes
     ----------
     sent
-        What goes to the server: the ``shared`` tensors (and alpha only under the authors'
-        ``alpha.policy = "averaged"``).
+        What goes to the server: the ``shared`` tensors, and the personal ones only where the
+        server averages them (the authors' ``alpha.policy = "averaged"``; FedBN, whose average
+        serves evaluation only).
     personal
         The client's new personal state, which it keeps.
     examples
@@ -122,10 +123,14 @@ class Client:
         settings: TrainConfig,
         *,
         lr: float,
-        send_alpha: bool,
+        send_personal: bool,
         rng: np.random.Generator,
+        freeze_statistics: bool = False,
     ) -> Update:
         """The training step: ``settings.epochs`` epochs of local SGD from ``state``.
+
+        ``send_personal`` sends the personal tensors too; ``freeze_statistics`` trains with
+        frozen BatchNorm statistics (FixBN's second stage).
 
         The client's personal state is returned, not kept: the simulation commits it once the
         round succeeds, so that a failed round leaves every client as it was.
@@ -146,9 +151,9 @@ class Client:
             )
         ]
         model.set_state(state)
-        result = model.train(epochs, sgd)
+        result = model.train(epochs, sgd, freeze_statistics=freeze_statistics)
         trained = model.get_state()
-        sent_roles = (Role.SHARED, Role.PERSONAL) if send_alpha else (Role.SHARED,)
+        sent_roles = (Role.SHARED, Role.PERSONAL) if send_personal else (Role.SHARED,)
         self.compute_seconds += time.perf_counter() - start
         return Update(
             sent={name: trained[name] for name in select(layout, *sent_roles)},

@@ -1,36 +1,41 @@
 """The federation's configuration: TOML sections, presets, ``--set`` overrides and checks.
 
 A configuration is a :class:`Config` of frozen sections. :func:`load_config` reads TOML,
-applies the ``protocol`` preset's defaults under the keys the file sets, applies overrides, and
-refuses unknown keys and bad values before any training, naming the key and what it allows.
+applies the ``method``'s defaults under the keys the file sets, applies overrides, and refuses
+unknown keys and bad values before any training, naming the key and what it allows.
 
-``protocol = "hbn"`` (the default) is this library's protocol: exact statistics of each
-client's whole local data under the global model, pooled in float64. ``protocol = "authors"``
-reproduces the choices of the authors' public code (``docs/federation.md`` lists them with the
-spec's numbering D1-D8), so both can be compared.
+``method`` names the normalisation method and its federated protocol (:data:`METHODS`).
+``"hbn"`` (the default) is this library's protocol: exact statistics of each client's whole
+local data under the global model, pooled in float64. ``"hbn-authors"`` reproduces the choices
+of the authors' public code (``docs/federation.md`` lists them with the spec's numbering
+D1-D8), so both can be compared. The others are the baselines of ``docs/results.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
-from federation.models import FRAMEWORKS
+from federation.models import FRAMEWORKS, ModelSpec
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = [
-    "PRESETS",
+    "METHODS",
     "AlphaConfig",
     "ClientsConfig",
     "Config",
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "FixBNConfig",
+    "Method",
     "ModelConfig",
+    "ServerConfig",
     "StatisticsConfig",
     "TrainConfig",
     "load_config",
@@ -58,11 +63,11 @@ class DataConfig:
 class ModelConfig:
     """``[model]``: a reference model (see :class:`federation.models.ModelSpec`).
 
-    ``dtype = "float64"`` serves checks that frameworks agree to rounding; float32 is the norm.
+    Its normalisation follows from the top-level ``method``. ``dtype = "float64"`` serves
+    checks that frameworks agree to rounding; float32 is the norm.
     """
 
     architecture: Literal["simple-cnn", "mlp"] = "simple-cnn"
-    norm: Literal["hbn", "bn", "gn", "ln", "none"] = "hbn"
     hidden: int = 128
     dtype: Literal["float32", "float64"] = "float32"
 
@@ -132,7 +137,8 @@ class AlphaConfig:
 
     ``"personal"``: each client keeps its own alpha, never sent; a new client starts at 0.
     ``"averaged"``: the authors' code (D8): alpha is sent and FedAvg-averaged; a returning client
-    still uses its own, and a client's first round starts from the latest average.
+    still uses its own, and a client's first round starts from the latest average. Under
+    ``method = "fedbn"`` the same holds for the personal BatchNorm tensors.
     """
 
     policy: Literal["personal", "averaged"] = "personal"
@@ -145,21 +151,55 @@ class EvalConfig:
     ``statistics``: ``"ema"`` evaluates with the global statistics the protocol left, ``"sync"``
     with a fresh statistics pass over the round's clients on the new model (the authors' code,
     D7). ``framework`` is the server's evaluation model (default: the first client framework).
+
+    ``personal``: also evaluate each of the round's trained clients with its personal state
+    on a local test split of ``personal_examples`` test examples drawn with the client's label
+    proportions (FedBN's personalised evaluation); the record's ``personal_accuracy`` is their
+    mean.
     """
 
     every: int = 1
     statistics: Literal["ema", "sync"] = "ema"
     batch_size: int = 256
     framework: str = ""
+    personal: bool = False
+    personal_examples: int = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class FixBNConfig:
+    """``[fixbn]``: FixBN's switch from FedAvg+BN to frozen BatchNorm statistics.
+
+    From round ``floor(switch_fraction * rounds) + 1`` on, clients train with the global
+    running statistics frozen (``method = "fixbn"`` only; the FixBN code switches at half).
+    """
+
+    switch_fraction: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    r"""``[server]``: the server's update of the shared tensors.
+
+    ``momentum`` :math:`\mu > 0` keeps momentum across rounds on the server (FedAvgM): with
+    :math:`\Delta = w - \bar w` (the round's FedAvg :math:`\bar w`), :math:`v \leftarrow \mu v
+    + \Delta` and :math:`w \leftarrow w - v`. FixBN recommends keeping SGD momentum across
+    rounds; local optimisers are rebuilt every round here, so this is how it is kept. 0 is
+    plain FedAvg.
+    """
+
+    momentum: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """A whole federation: top-level ``seed``, ``rounds`` and ``protocol``, then the sections."""
+    """A whole federation: top-level ``seed``, ``rounds`` and ``method``, then the sections."""
 
     seed: int = 0
     rounds: int = 10
-    protocol: Literal["hbn", "authors"] = "hbn"
+    method: Literal[
+        "hbn", "hbn-authors", "fbn", "bn", "fedbn", "fixbn", "gn", "ln", "fedfn", "none"
+    ] = "hbn"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     clients: ClientsConfig = dataclasses.field(default_factory=ClientsConfig)
@@ -167,6 +207,28 @@ class Config:
     statistics: StatisticsConfig = dataclasses.field(default_factory=StatisticsConfig)
     alpha: AlphaConfig = dataclasses.field(default_factory=AlphaConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    fixbn: FixBNConfig = dataclasses.field(default_factory=FixBNConfig)
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+
+    def model_spec(self, input_shape: tuple[int, int, int], num_classes: int) -> ModelSpec:
+        """The reference model of this ``method`` for a data set's examples and classes."""
+        method = METHODS[self.method]
+        return ModelSpec(
+            self.model.architecture,
+            method.norm,
+            input_shape,
+            num_classes,
+            hidden=self.model.hidden,
+            dtype=self.model.dtype,
+            feature_norm=method.feature_norm,
+            hybrid=method.hybrid,
+            local_norm=method.local_norm,
+        )
+
+    def freezes_statistics(self, round_index: int) -> bool:
+        """Whether clients train with frozen BatchNorm statistics in round ``round_index``."""
+        switch = math.floor(self.fixbn.switch_fraction * self.rounds)
+        return self.method == "fixbn" and round_index >= switch
 
     @property
     def client_frameworks(self) -> list[str]:
@@ -184,25 +246,71 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# The authors' public code, as a preset (paper-spec §2-§4 and §7).
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "hbn": {},
-    "authors": {
-        "data": {"partition": "dirichlet", "beta": 0.6},
-        "train": {"momentum": 0.9, "clip_norm": 10.0, "drop_last": True, "lr_decay": 0.998},
-        "statistics": {
-            "mode": "hybrid",
-            "batch_size": 64,
-            "max_batches": 1,
-            "shuffle": False,
-            "momentum": 0.002,
-            "weighting": "elements",
-            "recorded": "hybrid",
-            "variance": "bessel-examples",
-        },
-        "alpha": {"policy": "averaged"},
-        "eval": {"statistics": "sync"},
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A normalisation method: its model and the defaults it puts under the configuration.
+
+    Attributes
+    ----------
+    norm, feature_norm, hybrid, local_norm
+        The :class:`~federation.models.ModelSpec` fields it sets.
+    defaults
+        Configuration keys it sets unless the file or an override does.
+    summary
+        One line for ``docs`` and the command line.
+    """
+
+    norm: Literal["hbn", "bn", "gn", "ln", "none"]
+    summary: str
+    feature_norm: bool = False
+    hybrid: Literal["learned", "global"] = "learned"
+    local_norm: bool = False
+    defaults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+# The authors' public code (paper-spec §2-§4 and §7), as the defaults of "hbn-authors".
+_AUTHORS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {"momentum": 0.9, "clip_norm": 10.0, "drop_last": True, "lr_decay": 0.998},
+    "statistics": {
+        "mode": "hybrid",
+        "batch_size": 64,
+        "max_batches": 1,
+        "shuffle": False,
+        "momentum": 0.002,
+        "weighting": "elements",
+        "recorded": "hybrid",
+        "variance": "bessel-examples",
     },
+    "alpha": {"policy": "averaged"},
+    "eval": {"statistics": "sync"},
+}
+
+METHODS: dict[str, Method] = {
+    "hbn": Method("hbn", "HBN, exact: whole-data statistics under the global model, pooled"),
+    "hbn-authors": Method(
+        "hbn", "HBN as the authors' code runs it (D2-D8)", defaults=_AUTHORS_DEFAULTS
+    ),
+    "fbn": Method(
+        "hbn",
+        "FBN: BatchNorm normalising with exactly pooled global statistics in training",
+        hybrid="global",
+        # FBN's running statistics: an EMA with momentum 0.1 of each round's exact pool (D10).
+        defaults={"statistics": {"momentum": 0.1}},
+    ),
+    "bn": Method("bn", "FedAvg+BN: running statistics averaged like weights"),
+    "fedbn": Method(
+        "bn",
+        "FedBN: BatchNorm layers kept local; evaluated personalised and with their average",
+        local_norm=True,
+        defaults={"eval": {"personal": True}},
+    ),
+    "fixbn": Method("bn", "FixBN: FedAvg+BN, then frozen global statistics from the switch"),
+    "gn": Method("gn", "GroupNorm, 2 groups"),
+    "ln": Method("ln", "LayerNorm as GroupNorm with 1 group"),
+    "fedfn": Method(
+        "none", "FedFN: no normalisation layers; sqrt(d)-scaled unit features", feature_norm=True
+    ),
+    "none": Method("none", "FedAvg without normalisation"),
 }
 
 
@@ -221,7 +329,7 @@ def parse_config(table: dict[str, Any], overrides: Sequence[str] = ()) -> Config
     """Build a checked :class:`Config` from a TOML-like table and ``key=value`` overrides.
 
     Override values are TOML values (``train.lr=0.1``, ``clients.frameworks={torch=2}``); a bare
-    word is read as a string (``model.norm=bn``). The ``protocol`` preset fills the keys that
+    word is read as a string (``method=bn``). The ``method``'s defaults fill the keys that
     neither the table nor the overrides set.
 
     Raises
@@ -231,11 +339,11 @@ def parse_config(table: dict[str, Any], overrides: Sequence[str] = ()) -> Config
         the key and what is allowed.
     """
     table = _merged(table, [_parse_override(o) for o in overrides])
-    protocol = table.get("protocol", "hbn")
-    if protocol not in PRESETS:
-        msg = f"`protocol` must be one of {list(PRESETS)}; got {protocol!r}."
+    method = table.get("method", "hbn")
+    if method not in METHODS:
+        msg = f"`method` must be one of {list(METHODS)}; got {method!r}."
         raise ConfigError(msg)
-    table = _merged(PRESETS[protocol], [table])
+    table = _merged(METHODS[method].defaults, [table])
     config: Config = _build(Config, table, prefix="")
     _check(config)
     return config
@@ -366,6 +474,12 @@ def _check(config: Config) -> None:
     _require(0 < stats.momentum <= 1, "statistics.momentum", "in (0, 1]", stats.momentum)
     _require(config.eval.every >= 1, "eval.every", ">= 1", config.eval.every)
     _require(config.eval.batch_size >= 1, "eval.batch_size", ">= 1", config.eval.batch_size)
+    examples = config.eval.personal_examples
+    _require(examples >= 1, "eval.personal_examples", ">= 1", examples)
+    switch = config.fixbn.switch_fraction
+    _require(0 <= switch <= 1, "fixbn.switch_fraction", "in [0, 1]", switch)
+    momentum = config.server.momentum
+    _require(0 <= momentum < 1, "server.momentum", "in [0, 1) (0: plain FedAvg)", momentum)
     _require(
         config.eval_framework in FRAMEWORKS,
         "eval.framework",

@@ -113,8 +113,8 @@ def _title(simulation: Simulation) -> str:
     counts = collections.Counter(config.client_frameworks)
     frameworks = ", ".join(f"{n} {name}" for name, n in counts.items())
     return (
-        f"{config.model.architecture}-{config.model.norm} on {config.data.name}, "
-        f"{config.data.partition}, {frameworks} clients ({config.protocol} protocol)"
+        f"{config.method}, {config.model.architecture} on {config.data.name}, "
+        f"{config.data.partition}, {frameworks} clients"
     )
 
 

@@ -24,24 +24,25 @@ import enum
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
 from federation import aggregate
 from federation.client import Client
+from federation.config import METHODS
 from federation.data import Dataset, batches, load_dataset, partition
 from federation.layout import Role, check_state, select
-from federation.models import ModelSpec, build_model
+from federation.models import build_model
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Iterator, Mapping
 
     from federation.aggregate import GlobalStatistics, StatisticsReport
     from federation.client import Update
     from federation.config import Config
     from federation.layout import Layout, State
-    from federation.models import FrameworkModel
+    from federation.models import Batch, FrameworkModel
 
 __all__ = ["Fault", "RoundFailedError", "RoundRecord", "Simulation", "Stream", "seeded_rng"]
 
@@ -57,6 +58,7 @@ class Stream(enum.IntEnum):
     STATISTICS = 2
     TRAINING = 3
     SYNC_STATISTICS = 4
+    LOCAL_TEST = 5
 
 
 def seeded_rng(seed: int, stream: Stream, round_index: int, client: int) -> np.random.Generator:
@@ -66,6 +68,14 @@ def seeded_rng(seed: int, stream: Stream, round_index: int, client: int) -> np.r
     it, so that they sample, shuffle and split alike.
     """
     return np.random.default_rng([seed, stream, round_index, client])
+
+
+class _NextState(NamedTuple):
+    """What a round commits besides the clients' personal states."""
+
+    global_state: State
+    personal_average: State
+    server_velocity: State
 
 
 class RoundFailedError(RuntimeError):
@@ -94,6 +104,7 @@ class RoundRecord:
     train_loss: float
     accuracy: float | None = None
     loss: float | None = None
+    personal_accuracy: float | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     faults: list[Fault] = dataclasses.field(default_factory=list)
 
@@ -146,7 +157,12 @@ class Simulation:
             k: initial[k] for k in select(self.layout, Role.SHARED, Role.STATISTICS)
         }
         self.initial_personal: State = {k: initial[k] for k in select(self.layout, Role.PERSONAL)}
-        self.alpha_average: State = dict(self.initial_personal)
+        # The FedAvg of the personal tensors last sent (alpha under the authors' policy,
+        # FedBN's BatchNorm); the evaluation model's personal state.
+        self.personal_average: State = dict(self.initial_personal)
+        self.sends_personal = config.alpha.policy == "averaged" or METHODS[config.method].local_norm
+        # FedAvgM's velocity of the shared tensors (``server.momentum``).
+        self.server_velocity: State = {}
         indices = partition(
             self.data.y_train,
             config.data.num_clients,
@@ -169,15 +185,7 @@ class Simulation:
             raise ValueError(msg)
 
     def _reference_models(self, frameworks: list[str]) -> dict[str, FrameworkModel]:
-        model = self.config.model
-        spec = ModelSpec(
-            model.architecture,
-            model.norm,
-            self.data.input_shape,
-            self.data.num_classes,
-            hidden=model.hidden,
-            dtype=model.dtype,
-        )
+        spec = self.config.model_spec(self.data.input_shape, self.data.num_classes)
         return {name: build_model(name, spec, seed=self.config.seed) for name in frameworks}
 
     def _rng(self, stream: Stream, round_index: int, client: int = 0) -> np.random.Generator:
@@ -212,8 +220,7 @@ class Simulation:
         statistics_done = time.perf_counter()
         updates = self._training_step(round_index, sampled, lr, faults, progress)
         training_done = time.perf_counter()
-        new_global = self._aggregate(updates, reports)
-        self._commit(round_index, updates, new_global)
+        self._commit(round_index, updates, self._aggregate(updates, reports))
         record = RoundRecord(
             round=round_index + 1,
             lr=lr,
@@ -228,6 +235,9 @@ class Simulation:
         client_compute = sum(c.compute_seconds for c in sampled)
         if self._evaluates(round_index):
             record.accuracy, record.loss = self.evaluate(round_index, sampled)
+            if self.config.eval.personal:
+                trained = [self.clients[i] for i in sorted(updates)]
+                record.personal_accuracy = self.personal_accuracy(round_index, trained)
         end = time.perf_counter()
         record.seconds = {
             "statistics": statistics_done - start,
@@ -248,6 +258,7 @@ class Simulation:
         progress: Callable[[str, Client], None] | None,
         *,
         stream: Stream = Stream.STATISTICS,
+        minimum: int | None = None,
     ) -> dict[int, StatisticsReport]:
         """Every sampled client's checked statistics report on the current global state."""
         if not self.hbn_layers:
@@ -264,7 +275,9 @@ class Simulation:
             aggregate.check_statistics_report(report, self.hbn_layers)
             return report
 
-        return self._each_client(round_index, "statistics", sampled, collect, faults, progress)
+        return self._each_client(
+            round_index, "statistics", sampled, collect, faults, progress, minimum=minimum
+        )
 
     def _training_step(
         self,
@@ -275,8 +288,10 @@ class Simulation:
         progress: Callable[[str, Client], None] | None,
     ) -> dict[int, Update]:
         """Every sampled client's checked update from local training on the global state."""
-        send_alpha = self.config.alpha.policy == "averaged"
-        sent_names = select(self.layout, Role.SHARED, *((Role.PERSONAL,) if send_alpha else ()))
+        send_personal = self.sends_personal
+        sent_roles = (Role.SHARED, Role.PERSONAL) if send_personal else (Role.SHARED,)
+        sent_names = select(self.layout, *sent_roles)
+        freeze_statistics = self.config.freezes_statistics(round_index)
 
         def fit(client: Client) -> Update:
             update = client.fit(
@@ -285,7 +300,8 @@ class Simulation:
                 self.data,
                 self.config.train,
                 lr=lr,
-                send_alpha=send_alpha,
+                send_personal=send_personal,
+                freeze_statistics=freeze_statistics,
                 rng=self._rng(Stream.TRAINING, round_index, client.client_id),
             )
             check_state(update.sent, self.layout, names=sent_names)
@@ -302,13 +318,15 @@ class Simulation:
         work: Callable[[Client], Result],
         faults: list[Fault],
         progress: Callable[[str, Client], None] | None,
+        *,
+        minimum: int | None = None,
     ) -> dict[int, Result]:
         """``work`` for each client; a client that raises is recorded in ``faults`` and left out.
 
         Raises
         ------
         RoundFailedError
-            If fewer than ``min_clients`` clients succeed.
+            If fewer than ``minimum`` (default ``min_clients``) clients succeed.
         """
         results: dict[int, Result] = {}
         for client in sampled:
@@ -318,13 +336,13 @@ class Simulation:
                 faults.append(self._fault(round_index, client, step, error))
             if progress is not None:
                 progress(step, client)
-        self._require_enough(round_index, step, len(results), faults)
+        self._require_enough(round_index, step, len(results), faults, minimum)
         return results
 
     def _first_personal(self) -> State:
         """The personal state of a client in its first round."""
         if self.config.alpha.policy == "averaged":
-            return self.alpha_average
+            return self.personal_average
         return self.initial_personal
 
     def _fault(self, round_index: int, client: Client, step: str, error: Exception) -> Fault:
@@ -338,8 +356,10 @@ class Simulation:
         )
         return Fault(round_index + 1, client.client_id, step, reason)
 
-    def _require_enough(self, round_index: int, step: str, valid: int, faults: list[Fault]) -> None:
-        minimum = self.config.clients.min_clients
+    def _require_enough(
+        self, round_index: int, step: str, valid: int, faults: list[Fault], minimum: int | None
+    ) -> None:
+        minimum = self.config.clients.min_clients if minimum is None else minimum
         if valid < minimum:
             reasons = "; ".join(f"client {f.client}: {f.reason}" for f in faults)
             msg = (
@@ -349,28 +369,49 @@ class Simulation:
             )
             raise RoundFailedError(msg)
 
-    def _aggregate(self, updates: dict[int, Update], reports: dict[int, StatisticsReport]) -> State:
-        """The next global state (and alpha average); nothing is committed here."""
-        shared = aggregate.fedavg(
+    def _aggregate(
+        self, updates: dict[int, Update], reports: dict[int, StatisticsReport]
+    ) -> _NextState:
+        """The next global state, personal average and server velocity; nothing is committed."""
+        sent = aggregate.fedavg(
             [u.sent for u in updates.values()], [u.examples for u in updates.values()]
         )
-        new_global = {name: shared[name] for name in select(self.layout, Role.SHARED)}
+        shared, velocity = self._server_step({n: sent[n] for n in select(self.layout, Role.SHARED)})
+        new_global = dict(shared)
         if self.hbn_layers:
             pooled = aggregate.pool_statistics(list(reports.values()), self.config.statistics)
             blended = aggregate.blend_statistics(
                 self.global_statistics(), pooled, self.config.statistics.momentum
             )
             new_global |= _statistics_state(blended, self.global_state)
-        if self.config.alpha.policy == "averaged":
-            new_global |= {name: shared[name] for name in select(self.layout, Role.PERSONAL)}
-        return new_global
+        personal_average = self.personal_average
+        if self.sends_personal:
+            personal_average = {n: sent[n] for n in select(self.layout, Role.PERSONAL)}
+        return _NextState(new_global, personal_average, velocity)
 
-    def _commit(self, round_index: int, updates: dict[int, Update], new_global: State) -> None:
-        personal_names = select(self.layout, Role.PERSONAL)
-        self.alpha_average = {n: new_global.pop(n) for n in personal_names if n in new_global} or (
-            self.alpha_average
-        )
-        self.global_state = new_global
+    def _server_step(self, averaged: State) -> tuple[State, State]:
+        r"""The shared tensors after the server's update, and FedAvgM's velocity.
+
+        With ``server.momentum`` :math:`\mu`: :math:`v \leftarrow \mu v + (w - \bar w)` and
+        :math:`w \leftarrow w - v`, in float64; plain FedAvg (:math:`w \leftarrow \bar w`)
+        otherwise.
+        """
+        momentum = self.config.server.momentum
+        if not momentum:
+            return averaged, {}
+        velocity: State = {}
+        updated: State = {}
+        for name, average in averaged.items():
+            current = self.global_state[name].astype(np.float64)
+            previous = self.server_velocity.get(name, np.zeros_like(current))
+            velocity[name] = momentum * previous + (current - average.astype(np.float64))
+            updated[name] = (current - velocity[name]).astype(average.dtype)
+        return updated, velocity
+
+    def _commit(self, round_index: int, updates: dict[int, Update], step: _NextState) -> None:
+        self.global_state = step.global_state
+        self.personal_average = step.personal_average
+        self.server_velocity = step.server_velocity
         for client_id, update in updates.items():
             self.clients[client_id].personal = update.personal
         self.rounds_done = round_index + 1
@@ -394,30 +435,67 @@ class Simulation:
     def evaluate(self, round_index: int, sampled: list[Client]) -> tuple[float, float]:
         """Accuracy and mean loss of the global model on the test set.
 
-        With ``eval.statistics = "sync"`` the model is evaluated with statistics pooled afresh
-        (momentum 1) from ``sampled`` on the new global model; the protocol's own global
-        statistics are left as they are.
+        The model runs with the personal average (alpha has no effect in inference; FedBN's
+        BatchNorm tensors are averaged for this). With ``eval.statistics = "sync"`` it runs
+        with statistics pooled afresh (momentum 1) from ``sampled`` on the new global model;
+        the protocol's own global statistics are left as they are. If no client answers that
+        pass, the protocol's statistics are used and a warning is logged.
         """
-        state = self.global_state
+        state = {**self.global_state, **self.personal_average}
         if self.config.eval.statistics == "sync" and self.hbn_layers:
-            faults: list[Fault] = []
-            reports = self._statistics_step(
-                round_index, sampled, faults, None, stream=Stream.SYNC_STATISTICS
-            )
-            pooled = aggregate.pool_statistics(list(reports.values()), self.config.statistics)
-            state = {**state, **_statistics_state(pooled, state)}
+            state |= self._sync_statistics(round_index, sampled)
         model = self.models[self.config.eval_framework]
-        model.set_state({**state, **self.initial_personal})
-        result = model.evaluate(
-            batches(
-                self.data.x_test,
-                self.data.y_test,
-                np.arange(len(self.data.y_test)),
-                batch_size=self.config.eval.batch_size,
-                rng=None,
-            )
-        )
+        model.set_state(state)
+        result = model.evaluate(self._test_batches(np.arange(len(self.data.y_test))))
         return result.correct / result.examples, result.loss_sum / result.examples
+
+    def _sync_statistics(self, round_index: int, sampled: list[Client]) -> State:
+        """Global statistics pooled afresh from ``sampled`` on the current global model."""
+        faults: list[Fault] = []
+        try:
+            reports = self._statistics_step(
+                round_index, sampled, faults, None, stream=Stream.SYNC_STATISTICS, minimum=1
+            )
+        except RoundFailedError as error:
+            logger.warning("evaluation with the protocol's statistics: %s", error)
+            return {}
+        pooled = aggregate.pool_statistics(list(reports.values()), self.config.statistics)
+        return _statistics_state(pooled, self.global_state)
+
+    def personal_accuracy(self, round_index: int, clients: list[Client]) -> float:
+        """The mean accuracy of ``clients``' personalised models on their local test splits.
+
+        A client's local test split is ``eval.personal_examples`` test examples drawn, without
+        replacement where the class allows, with the label proportions of its training data.
+        """
+        model = self.models[self.config.eval_framework]
+        accuracies = []
+        for client in clients:
+            model.set_state(client.model_state(self.global_state, self._first_personal()))
+            indices = self._local_test_split(round_index, client)
+            result = model.evaluate(self._test_batches(indices))
+            accuracies.append(result.correct / result.examples)
+        return float(np.mean(accuracies))
+
+    def _local_test_split(self, round_index: int, client: Client) -> np.ndarray:
+        labels = self.data.y_test
+        classes, counts = np.unique(self.data.y_train[client.indices], return_counts=True)
+        wanted = np.round(counts / counts.sum() * self.config.eval.personal_examples)
+        rng = self._rng(Stream.LOCAL_TEST, round_index, client.client_id)
+        parts = []
+        for label, size in zip(classes, wanted.astype(np.int64), strict=True):
+            members = np.flatnonzero(labels == label)
+            parts.append(rng.choice(members, size, replace=size > len(members)))
+        return np.concatenate(parts)
+
+    def _test_batches(self, indices: np.ndarray) -> Iterator[Batch]:
+        return batches(
+            self.data.x_test,
+            self.data.y_test,
+            indices,
+            batch_size=self.config.eval.batch_size,
+            rng=None,
+        )
 
     # -- whole runs -------------------------------------------------------------------------
 
@@ -430,17 +508,33 @@ class Simulation:
         return self.history
 
     def summary(self) -> dict[str, Any]:
-        """Final figures: last accuracy, and the mean of the last 10 evaluated rounds ± 95% CI."""
+        r"""Final figures: last accuracy, and the mean of the last 10 evaluated rounds ± 95% CI.
+
+        The CI half-width is :math:`1.96\, s / \sqrt{n}` with the population deviation
+        :math:`s` of those :math:`n \le 10` accuracies, as the authors' ``SaveMyResult``.
+        ``last10_mean_personal_accuracy`` is there when ``eval.personal`` is on.
+        """
         accuracies = [r.accuracy for r in self.history if r.accuracy is not None]
-        last = np.asarray(accuracies[-10:])
-        half_width = 1.96 * last.std() / math.sqrt(len(last)) if len(last) else math.nan
-        return {
+        mean, half_width = _last10(accuracies)
+        summary = {
             "rounds": self.rounds_done,
             "final_accuracy": accuracies[-1] if accuracies else None,
-            "last10_mean_accuracy": float(last.mean()) if len(last) else None,
-            "last10_ci95": float(half_width) if len(last) else None,
+            "last10_mean_accuracy": mean,
+            "last10_ci95": half_width,
             "faults": sum(len(r.faults) for r in self.history),
         }
+        personal = [r.personal_accuracy for r in self.history if r.personal_accuracy is not None]
+        if personal:
+            summary["last10_mean_personal_accuracy"] = _last10(personal)[0]
+        return summary
+
+
+def _last10(values: list[float]) -> tuple[float | None, float | None]:
+    """The mean of the last 10 values and its 95% CI half-width; ``None`` without values."""
+    last = np.asarray(values[-10:])
+    if not len(last):
+        return None, None
+    return float(last.mean()), float(1.96 * last.std() / math.sqrt(len(last)))
 
 
 def _common_layout(models: Mapping[str, FrameworkModel], frameworks: list[str]) -> Layout:

@@ -29,7 +29,7 @@ from federation.flower.wire import (
     state_record,
 )
 from federation.layout import Role, select
-from federation.models import ModelSpec, build_model
+from federation.models import build_model
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -110,13 +110,7 @@ def _default_strategy(config: Config, layout: Layout) -> HBNStrategy:
 
 def _reference_model(config: Config) -> FrameworkModel:
     data = load_dataset(config.data.name, seed=config.seed, path=config.data.path)
-    spec = ModelSpec(
-        config.model.architecture,
-        config.model.norm,
-        data.input_shape,
-        data.num_classes,
-        hidden=config.model.hidden,
-    )
+    spec = config.model_spec(data.input_shape, data.num_classes)
     return build_model(config.eval_framework, spec, seed=config.seed)
 
 

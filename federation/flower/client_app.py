@@ -184,7 +184,7 @@ def make_client_app(
             here.data,
             here.config.train,
             lr=lr,
-            send_alpha=False,
+            send_personal=False,
             rng=here.rng(Stream.TRAINING, round_index),
         )
         context.state[PERSONAL_KEY] = state_record(update.personal)
@@ -242,10 +242,7 @@ def _partition_id(context: Context, config: Config) -> tuple[int, int]:
 
 
 def _spec(config: Config, data: Dataset) -> ModelSpec:
-    model = config.model
-    return ModelSpec(
-        model.architecture, model.norm, data.input_shape, data.num_classes, hidden=model.hidden
-    )
+    return config.model_spec(data.input_shape, data.num_classes)
 
 
 @functools.cache

@@ -101,6 +101,9 @@ class ModelSpec:
         ``alpha`` (HBN), or ``"global"``, with the global statistics only (alpha fixed at
         :math:`+\infty`, not trained and not part of the layout): FBN, normalisation with
         exactly pooled global statistics.
+    local_norm
+        FedBN: every tensor of the norm layers is ``personal`` (kept by its client) rather
+        than ``shared``.
     """
 
     architecture: Architecture
@@ -113,6 +116,7 @@ class ModelSpec:
     dtype: Literal["float32", "float64"] = "float32"
     feature_norm: bool = False
     hybrid: Literal["learned", "global"] = "learned"
+    local_norm: bool = False
 
     def layers(self) -> list[LayerSpec]:
         """The layers, in forward order, with their canonical names."""
@@ -169,6 +173,8 @@ class ModelSpec:
             dense_shape = (layer.out_features, layer.in_features)
             kernel = TensorSpec(dense_shape, Role.SHARED, Kind.DENSE_KERNEL, layer.flatten_from)
             return {f"{layer.name}.weight": kernel, f"{layer.name}.bias": vector}
+        if self.local_norm:
+            vector = TensorSpec((layer.out_features,), Role.PERSONAL)
         tensors = {f"{layer.name}.weight": vector, f"{layer.name}.bias": vector}
         if self.norm == "hbn":
             statistic = TensorSpec((layer.out_features,), Role.STATISTICS)

@@ -13,14 +13,16 @@ canonical                       Flax NNX
 conv and dense ``weight``       ``kernel``
 norm ``weight``                 ``scale``
 BatchNorm ``running_mean/var``  ``mean``, ``var`` (``nnx.BatchStat``)
-HBN ``alpha``                   ``alpha`` (``nnx.Param``)
+HBN ``alpha``                   ``alpha`` (``nnx.Param``; ``FixedAlpha`` for FBN)
 HBN ``global_mean/var``         ``global_mean``, ``global_var`` (``GlobalStatistic``)
 ==============================  ====================================================
 
 Training and evaluation run as module-level :func:`jax.jit` functions of the split model state,
 so every model of one spec shares them. They compile once per spec, batch shape and optimiser
 structure (clipping on or off, momentum on or off): the learning rate and the other
-hyperparameters are traced arguments, so a new value does not recompile.
+hyperparameters are traced arguments, so a new value does not recompile. Training with
+frozen BatchNorm statistics is another graph (BatchNorm's ``use_running_average``), compiled
+once more.
 
 Warnings
 --------
@@ -32,6 +34,7 @@ difference is left as it is; the running statistics only serve inference.
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
@@ -58,7 +61,7 @@ if TYPE_CHECKING:
     from federation.models import LayerSpec
     from hbn_core import Moments
 
-__all__ = ["JaxModel", "build"]
+__all__ = ["FixedAlpha", "JaxModel", "build"]
 
 # Flax's attribute for each canonical tensor name that differs from it, by layer kind.
 _FLAX_NAMES = {
@@ -70,11 +73,33 @@ _FLAX_NAMES = {
 _BATCHNORM_MOMENTUM = 1.0 - 0.1
 
 
+class FixedAlpha(nnx.Variable[jax.Array]):
+    r"""FBN's HBN ``alpha``, held at :math:`+\infty`: a Variable but not an ``nnx.Param``.
+
+    The optimiser updates only ``nnx.Param`` leaves. As one, alpha would meet optax's
+    ``add_decayed_weights``, whose :math:`\lambda \cdot \infty` is NaN at :math:`\lambda = 0`
+    and an infinite step otherwise.
+    """
+
+
+def _hbn(spec: ModelSpec, channels: int, options: dict[str, Any]) -> hbn_flax.HybridBatchNorm:
+    r"""An HBN layer; FBN's (``spec.hybrid == "global"``) has alpha fixed at :math:`+\infty`.
+
+    Its training forward then normalises with the global statistics only: the weight on them is
+    :math:`w = \operatorname{sigmoid}(+\infty) = 1`, exactly.
+    """
+    dtype = jnp.dtype(spec.dtype)
+    layer = hbn_flax.HybridBatchNorm(channels, dtype=dtype, **options)
+    if spec.hybrid == "global":
+        layer.alpha = FixedAlpha(jnp.full((channels,), jnp.inf, dtype))
+    return layer
+
+
 def _norm(spec: ModelSpec, channels: int, rngs: nnx.Rngs) -> nnx.Module:
     dtype = jnp.dtype(spec.dtype)
     options: dict[str, Any] = {"epsilon": spec.eps, "param_dtype": dtype, "rngs": rngs}
     if spec.norm == "hbn":
-        return hbn_flax.HybridBatchNorm(channels, dtype=dtype, **options)
+        return _hbn(spec, channels, options)
     # The two-pass variance (as torch computes it) rather than E[x^2] - E[x]^2: same maths,
     # no cancellation in float32.
     options.update(dtype=dtype, use_fast_variance=False)
@@ -106,6 +131,7 @@ class _Network(nnx.Module):
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs) -> None:
         self.mlp = spec.architecture == "mlp"
         self.blocks = len(spec.channels)
+        self.feature_norm = spec.feature_norm
         for layer in spec.layers():
             setattr(self, layer.name, _layer(spec, layer, rngs))
 
@@ -115,12 +141,22 @@ class _Network(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.mlp:
-            x = nnx.relu(self._norm_or_identity("norm1", self.fc1(x.reshape(x.shape[0], -1))))
+            x = nnx.relu(self._norm_or_identity("norm1", self.fc1(self._features(x))))
             return self.fc2(x)
         for index in range(1, self.blocks + 1):
             x = nnx.relu(self._norm_or_identity(f"norm{index}", getattr(self, f"conv{index}")(x)))
             x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
-        return self.fc2(nnx.relu(self.fc1(x.reshape(x.shape[0], -1))))
+        return self.fc2(nnx.relu(self.fc1(self._features(x))))
+
+    def _features(self, x: jax.Array) -> jax.Array:
+        r"""``x`` flattened to :math:`z \in \mathbb{R}^d` per example; FedFN's
+        :math:`\sqrt{d}\, z / \max(\lVert z \rVert_2, 10^{-12})` if the spec asks for it.
+        """
+        z = x.reshape(x.shape[0], -1)
+        if not self.feature_norm:
+            return z
+        norm = jnp.linalg.vector_norm(z, axis=1, keepdims=True)
+        return z / jnp.maximum(norm, 1e-12) * math.sqrt(z.shape[1])
 
 
 def _logits(network: _Network, images: jax.Array) -> jax.Array:
@@ -216,6 +252,9 @@ class JaxModel:
         self.layout = spec.layout()
         self._kinds = {layer.name: layer.kind for layer in spec.layers()}
         self.network = _Network(spec, rngs=nnx.Rngs(seed))
+        self._batchnorms = [
+            module for _, module in nnx.iter_modules(self.network) if isinstance(module, nnx.BatchNorm)
+        ]
 
     def _variable(self, name: str) -> nnx.Variable[jax.Array]:
         layer, leaf = name.split(".")
@@ -246,9 +285,18 @@ class JaxModel:
         batches = (jnp.asarray(images, self.spec.dtype) for images in inputs)
         return hbn_flax.collect_statistics(self.network, batches, mode=mode, forward=_logits)
 
-    def train(self, batches: Iterable[Batch], sgd: SGDConfig) -> TrainResult:
-        """SGD on ``batches`` with a fresh optimiser, as :class:`SGDConfig` says."""
+    def train(
+        self, batches: Iterable[Batch], sgd: SGDConfig, *, freeze_statistics: bool = False
+    ) -> TrainResult:
+        """SGD on ``batches`` with a fresh optimiser, as :class:`SGDConfig` says.
+
+        ``freeze_statistics`` sets ``use_running_average`` on the BatchNorm layers: they
+        normalise with their running statistics and leave them unchanged; scale and bias still
+        train. The network is another graph then, so the step compiles once more.
+        """
         self.network.train()
+        for module in self._batchnorms:
+            module.use_running_average = freeze_statistics
         graphdef, params, rest = nnx.split(self.network, nnx.Param, ...)
         hyper = _Hyperparameters.from_config(sgd, self.spec.dtype)
         opt_state = _optimizer(hyper).init(params)

@@ -15,7 +15,7 @@ canonical                       Keras
 conv and dense ``weight``       ``kernel``
 norm ``weight``, ``bias``       ``gamma``, ``beta``
 BatchNorm ``running_mean/var``  ``moving_mean``, ``moving_variance``
-HBN ``alpha``                   ``alpha`` (trainable)
+HBN ``alpha``                   ``alpha`` (trainable; +inf and non-trainable for FBN)
 HBN ``global_mean/var``         ``global_mean``, ``global_var`` (non-trainable)
 ==============================  ====================================================
 
@@ -24,8 +24,9 @@ convolutions use ``padding="same"``, which at stride 1 and with a 3x3 kernel pad
 each side: torch's ``padding=1``. Training and evaluation are Keras' own compiled steps
 (``train_on_batch`` with an optimiser of ours, ``predict_on_batch``, whose logits give the
 cross-entropy in float64 NumPy), compiled once per model: the optimiser's hyperparameters are
-variables, so a new learning rate or a new state does not retrace. They run on every Keras
-backend; CI and the federation use TensorFlow, Keras' default.
+variables, so a new learning rate or a new state does not retrace; training with frozen
+BatchNorm statistics (FixBN) is another train step, compiled when the mode changes. They run on
+every Keras backend; CI and the federation use TensorFlow, Keras' default.
 
 Warnings
 --------
@@ -36,6 +37,7 @@ difference is left as it is; the running statistics only serve inference.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -60,7 +62,7 @@ if TYPE_CHECKING:
     from federation.models import LayerSpec
     from hbn_core import Moments
 
-__all__ = ["KerasModel", "build"]
+__all__ = ["FeatureNormalization", "FreezableBatchNormalization", "KerasModel", "build"]
 
 # Keras' weight name for each canonical tensor name that differs from it, by layer kind.
 _KERAS_NAMES = {
@@ -78,12 +80,49 @@ _BATCHNORM_MOMENTUM = 1.0 - 0.1
 _CHANNELS_LAST = "channels_last"
 
 
+@keras.saving.register_keras_serializable(package="hbn_federation")
+class FeatureNormalization(keras.layers.Layer):
+    r"""FedFN's feature normalisation of flat features :math:`z \in \mathbb{R}^d` per example.
+
+    :math:`\sqrt{d}\, z / \max(\lVert z \rVert_2, 10^{-12})` over the last axis, in training
+    and inference, in the layer's dtype; no weights.
+    """
+
+    def call(self, inputs: Any) -> Any:
+        """Scale each example of ``(N, d)`` ``inputs`` to the norm :math:`\sqrt{d}`."""
+        norm = ops.sqrt(ops.sum(ops.square(inputs), axis=-1, keepdims=True))
+        return inputs / ops.maximum(norm, 1e-12) * math.sqrt(inputs.shape[-1])
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        """The output has the shape of the input."""
+        return tuple(input_shape)
+
+
+@keras.saving.register_keras_serializable(package="hbn_federation")
+class FreezableBatchNormalization(keras.layers.BatchNormalization):
+    """``keras.layers.BatchNormalization`` whose statistics can be frozen while it trains.
+
+    With ``frozen_statistics`` (False at first) the layer normalises with its moving statistics
+    and leaves them unchanged, as in inference, even in training; gamma and beta still get
+    gradients. (``trainable=False`` would freeze them too.) A compiled train step reads the
+    flag when it is traced: rebuild it after a change.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.frozen_statistics = False
+
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        """BatchNormalization's forward, in inference mode while the statistics are frozen."""
+        return super().call(inputs, training=training and not self.frozen_statistics, mask=mask)
+
+
 def _norm(spec: ModelSpec, name: str) -> keras.layers.Layer:
     options: dict[str, Any] = {"epsilon": spec.eps, "name": name, "dtype": spec.dtype}
     if spec.norm == "hbn":
         return hbn_keras.HybridBatchNormalization(**options)
     if spec.norm == "bn":
-        return keras.layers.BatchNormalization(momentum=_BATCHNORM_MOMENTUM, **options)
+        return FreezableBatchNormalization(momentum=_BATCHNORM_MOMENTUM, **options)
     # "ln" is GroupNorm with one group (channels and space per example), not LayerNormalization,
     # whose affine would be per element rather than per channel.
     return keras.layers.GroupNormalization(groups=GROUPS[spec.norm], **options)
@@ -116,7 +155,7 @@ def _network(spec: ModelSpec, *, seed: int) -> keras.Model:
     images = keras.Input(spec.input_shape, dtype=dtype, name="images")
     x = keras.layers.Permute((2, 3, 1), dtype=dtype, name="to_channels_last")(images)
     if spec.architecture == "mlp":
-        x = _flatten(x, "flatten", dtype)
+        x = _features(spec, x)
         x = _relu(_norm_or_identity(layers, "norm1", layers["fc1"](x)), "relu1", dtype)
         return keras.Model(images, layers["fc2"](x), name="mlp")
     for index in range(1, len(spec.channels) + 1):
@@ -125,7 +164,7 @@ def _network(spec: ModelSpec, *, seed: int) -> keras.Model:
         x = keras.layers.MaxPooling2D(
             2, data_format=_CHANNELS_LAST, dtype=dtype, name=f"pool{index}"
         )(x)
-    x = _relu(layers["fc1"](_flatten(x, "flatten", dtype)), "relu_fc1", dtype)
+    x = _relu(layers["fc1"](_features(spec, x)), "relu_fc1", dtype)
     return keras.Model(images, layers["fc2"](x), name="simple_cnn")
 
 
@@ -137,8 +176,24 @@ def _relu(x: Any, name: str, dtype: str) -> Any:
     return keras.layers.ReLU(dtype=dtype, name=name)(x)
 
 
-def _flatten(x: Any, name: str, dtype: str) -> Any:
-    return keras.layers.Flatten(data_format=_CHANNELS_LAST, dtype=dtype, name=name)(x)
+def _features(spec: ModelSpec, x: Any) -> Any:
+    """``x`` flattened for ``fc1``, then normalised by FedFN if the spec asks for it."""
+    x = keras.layers.Flatten(data_format=_CHANNELS_LAST, dtype=spec.dtype, name="flatten")(x)
+    if not spec.feature_norm:
+        return x
+    return FeatureNormalization(dtype=spec.dtype, name="feature_norm")(x)
+
+
+def _fix_alphas(network: keras.Model) -> None:
+    r"""FBN: every HBN layer's alpha at :math:`+\infty` and not trainable.
+
+    The training forward then weighs the global statistics by
+    :math:`\operatorname{sigmoid}(+\infty) = 1`: it normalises with them only. The optimiser
+    and the train step take ``network.trainable_variables``, which leave alpha out.
+    """
+    for _, layer in hbn_keras.hbn_layers(network):
+        layer.alpha.assign(ops.full(layer.alpha.shape, math.inf, layer.alpha.dtype))
+        layer.alpha.trainable = False
 
 
 class _TorchSGD(keras.optimizers.Optimizer):
@@ -215,7 +270,12 @@ class KerasModel:
         self.layout = spec.layout()
         self._kinds = {layer.name: layer.kind for layer in spec.layers()}
         self.network = _network(spec, seed=seed)
+        if spec.hybrid == "global":
+            _fix_alphas(self.network)
         self._weights = {weight.path: weight for weight in self.network.weights}
+        self._batchnorms = [
+            layer for layer in self.network.layers if isinstance(layer, FreezableBatchNormalization)
+        ]
         self._optimizer = _TorchSGD(spec.dtype)
         self.network.compile(
             optimizer=self._optimizer,
@@ -252,8 +312,16 @@ class KerasModel:
         batches = (np.asarray(images, self.spec.dtype) for images in inputs)
         return hbn_keras.collect_statistics(self.network, batches, mode=mode)
 
-    def train(self, batches: Iterable[Batch], sgd: SGDConfig) -> TrainResult:
-        """SGD on ``batches`` with a fresh optimiser, as :class:`SGDConfig` says."""
+    def train(
+        self, batches: Iterable[Batch], sgd: SGDConfig, *, freeze_statistics: bool = False
+    ) -> TrainResult:
+        """SGD on ``batches`` with a fresh optimiser, as :class:`SGDConfig` says.
+
+        ``freeze_statistics`` freezes the BatchNorm layers' statistics
+        (:class:`FreezableBatchNormalization`): they normalise with their moving statistics and
+        leave them unchanged; gamma and beta still train.
+        """
+        self._freeze_statistics(freeze_statistics)
         self._optimizer.reset(sgd)
         loss_sum, examples, steps = 0.0, 0, 0
         for images, labels in batches:
@@ -264,6 +332,14 @@ class KerasModel:
             examples += len(labels)
             steps += 1
         return TrainResult(loss_sum, examples, steps)
+
+    def _freeze_statistics(self, frozen: bool) -> None:
+        """Set the BatchNorm layers' flag; on a change, rebuild the train step that reads it."""
+        if all(layer.frozen_statistics == frozen for layer in self._batchnorms):
+            return
+        for layer in self._batchnorms:
+            layer.frozen_statistics = frozen
+        self.network.make_train_function(force=True)
 
     def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
         """Summed cross-entropy and correct predictions in inference mode."""
