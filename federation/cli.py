@@ -2,6 +2,7 @@
 
     hbn-fed run CONFIG.toml [--set key=value ...] [--out DIR] [--resume]
     hbn-fed demo [--set key=value ...] [--out DIR]
+    hbn-fed repro [--profile full|quick] [--out DIR] [--workers N] [--report FILE.md]
 
 Also ``python -m federation``. A live progress bar shows each round's clients and the latest
 accuracy and loss; ``DIR`` receives ``results.json``, ``accuracy.png`` and a checkpoint after
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import logging
+import pathlib
 import sys
 import tomllib
 from typing import TYPE_CHECKING
@@ -23,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from federation.config import ConfigError, load_config, parse_config
+from federation.repro import PROFILES, plan, run_profile, write_report
 from federation.runner import run
 from federation.simulation import RoundFailedError
 
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
     from federation.client import Client
     from federation.config import Config
+    from federation.repro import Run
     from federation.runner import Result
     from federation.simulation import RoundRecord, Simulation
 
@@ -48,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     run_command.add_argument("config", help="the TOML configuration (see docs/federation.md)")
     run_command.add_argument("--resume", action="store_true", help="continue from DIR's checkpoint")
     demo = commands.add_parser("demo", help="a mixed torch + JAX + Keras HBN federation on digits")
+    repro = commands.add_parser("repro", help="every method on every setting, with 95%% CIs")
+    repro.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    repro.add_argument("--out", default="hbn-repro", help="run results (default hbn-repro)")
+    repro.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    repro.add_argument(
+        "--report", default="", help="the Markdown report; the plot is written beside it as .png"
+    )
     for command, default_out in ((run_command, "hbn-run"), (demo, DEMO_OUT)):
         command.add_argument(
             "--set",
@@ -75,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console)]
     )
+    if arguments.command == "repro":
+        return _repro(arguments, console, argv)
     try:
         if arguments.command == "demo":
             config = parse_config(_demo_table(), arguments.overrides)
@@ -135,6 +148,46 @@ def _run_with_progress(config: Config, arguments: argparse.Namespace, console: C
             on_client=on_client,
             on_round=on_round,
         )
+
+
+def _repro(arguments: argparse.Namespace, console: Console, argv: Sequence[str] | None) -> int:
+    """Run or resume a repro profile with a progress bar; write its report if asked."""
+    if arguments.workers < 1:
+        console.print(f"[red]--workers must be >= 1; got {arguments.workers}.[/red]")
+        return 2
+    profile = PROFILES[arguments.profile]
+    out = pathlib.Path(arguments.out)
+    tuning_runs = len(plan(profile))
+    grid_runs = len(profile.methods) * len(profile.settings) * len(profile.seeds)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[last]}"),
+        console=console,
+    )
+    task = progress.add_task("repro runs", total=tuning_runs + grid_runs, last="")
+    done = len(list((out / "runs").glob("*.json"))) if (out / "runs").exists() else 0
+    progress.update(task, completed=done)
+
+    def on_done(run: Run, result: dict[str, object]) -> None:
+        summary = result["summary"]
+        accuracy = summary["last10_mean_accuracy"] if isinstance(summary, dict) else None
+        progress.update(task, advance=1, last=f"{run.run_id}: {accuracy:.3f}")
+
+    try:
+        with progress:
+            tuning, grid = run_profile(profile, out, workers=arguments.workers, on_done=on_done)
+    except (FileNotFoundError, ImportError) as error:
+        console.print(f"[red]cannot start:[/red] {error}")
+        return 2
+    if arguments.report:
+        report = pathlib.Path(arguments.report)
+        command = "hbn-fed " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_report(profile, tuning, grid, report, report.with_suffix(".png"), command=command)
+        console.print(f"report: {report}, plot: {report.with_suffix('.png')}")
+    return 0
 
 
 def _final_table(result: Result) -> Table:

@@ -146,7 +146,10 @@ class AlphaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """``[eval]``: evaluation on the global test set every ``every`` rounds (and the last).
+    """``[eval]``: evaluation on the global test set every ``every`` rounds.
+
+    Every one of the ``final_rounds`` last rounds is evaluated too, as the reported metric (the
+    mean over the last 10 evaluated rounds) needs.
 
     ``statistics``: ``"ema"`` evaluates with the global statistics the protocol left, ``"sync"``
     with a fresh statistics pass over the round's clients on the new model (the authors' code,
@@ -159,6 +162,7 @@ class EvalConfig:
     """
 
     every: int = 1
+    final_rounds: int = 10
     statistics: Literal["ema", "sync"] = "ema"
     batch_size: int = 256
     framework: str = ""
@@ -473,6 +477,8 @@ def _check(config: Config) -> None:
     _require(stats.max_batches >= 0, "statistics.max_batches", ">= 0 (0: all)", stats.max_batches)
     _require(0 < stats.momentum <= 1, "statistics.momentum", "in (0, 1]", stats.momentum)
     _require(config.eval.every >= 1, "eval.every", ">= 1", config.eval.every)
+    final = config.eval.final_rounds
+    _require(final >= 1, "eval.final_rounds", ">= 1", final)
     _require(config.eval.batch_size >= 1, "eval.batch_size", ">= 1", config.eval.batch_size)
     examples = config.eval.personal_examples
     _require(examples >= 1, "eval.personal_examples", ">= 1", examples)

@@ -429,8 +429,8 @@ class Simulation:
     # -- evaluation -------------------------------------------------------------------------
 
     def _evaluates(self, round_index: int) -> bool:
-        last = round_index + 1 == self.config.rounds
-        return last or (round_index + 1) % self.config.eval.every == 0
+        final = round_index >= self.config.rounds - self.config.eval.final_rounds
+        return final or (round_index + 1) % self.config.eval.every == 0
 
     def evaluate(self, round_index: int, sampled: list[Client]) -> tuple[float, float]:
         """Accuracy and mean loss of the global model on the test set.

@@ -1,0 +1,532 @@
+"""The reproduction benchmark: every method on every setting, with 95% CIs over seeds.
+
+``hbn-fed repro`` (or ``nox -s repro``) runs a :class:`Profile` in two phases and writes a
+report (``docs/results.md`` and ``docs/results.png`` for the ``full`` profile):
+
+1. **lr tuning**: each method and local batch size tries every lr of the profile's grid on the
+   tuning setting with a seed kept apart from the reported ones; the lr with the best mean
+   accuracy of its last evaluated rounds wins.
+2. **grid**: each method, setting and seed runs with its tuned lr.
+
+Each run is one :class:`~federation.simulation.Simulation` with torch clients; its result is
+written to ``OUT/runs/<run id>.json`` as soon as it ends, and runs whose file exists are
+skipped, so an interrupted grid resumes where it stopped. Runs go to ``workers`` processes,
+each with one thread (small-batch SGD gains nothing from more).
+
+The reported metric per run is the mean test accuracy of its last 10 rounds (every one of
+them evaluated); a cell is the mean of that over seeds ± :math:`t_{0.975, n-1}\\, s/\\sqrt{n}`
+(:math:`s` the Bessel-corrected deviation over the :math:`n` seeds). HBN's verdict against a
+baseline uses the paired (same seed, same split) differences the same way: a win or a loss if
+their CI excludes 0, a tie otherwise.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import multiprocessing
+import os
+import pathlib
+import platform
+import tempfile
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from federation.config import parse_config
+from federation.data import load_dataset
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from federation.config import Config
+    from federation.data import Dataset
+
+__all__ = ["PROFILES", "Profile", "Run", "Setting", "plan", "run_profile", "write_report"]
+
+# Methods in report order: ours first, then the baselines of paper-spec §6.
+# A tuning run's score: its mean accuracy over this many last rounds.
+TUNING_SCORE_ROUNDS = 3
+METHODS = ("hbn", "hbn-authors", "fbn", "bn", "fedbn", "fixbn", "gn", "ln", "fedfn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A data split and local batch size; ``beta = 0`` with ``partition = "iid"``."""
+
+    partition: str
+    beta: float
+    batch_size: int
+
+    @property
+    def label(self) -> str:
+        """``"Dir(0.6), B=4"`` or ``"IID, B=32"``."""
+        split = "IID" if self.partition == "iid" else f"Dir({self.beta:g})"
+        return f"{split}, B={self.batch_size}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """A grid: data, federation, settings, seeds, rounds and the lr grid per batch size."""
+
+    name: str
+    data: str
+    num_clients: int
+    fraction: float
+    rounds: int
+    seeds: tuple[int, ...]
+    settings: tuple[Setting, ...]
+    lr_grid: dict[int, tuple[float, ...]]
+    tune_rounds: int
+    tune_seed: int
+    tune_split: tuple[str, float]
+    eval_every: int
+    methods: tuple[str, ...] = METHODS
+
+
+def _settings(
+    splits: Sequence[tuple[str, float]], batch_sizes: Sequence[int]
+) -> tuple[Setting, ...]:
+    return tuple(Setting(p, b, size) for size in batch_sizes for p, b in splits)
+
+
+PROFILES: dict[str, Profile] = {
+    # Fashion-MNIST, 100 clients, 10% per round: about 2 hours with 2 workers on 2 cores.
+    "full": Profile(
+        name="full",
+        data="fashion-mnist",
+        num_clients=100,
+        fraction=0.1,
+        rounds=20,
+        seeds=(0, 1, 2),
+        settings=_settings([("dirichlet", 0.6), ("dirichlet", 0.1), ("iid", 0.0)], (4, 32)),
+        lr_grid={4: (0.005, 0.01, 0.02), 32: (0.02, 0.05, 0.1)},
+        tune_rounds=8,
+        tune_seed=100,
+        tune_split=("dirichlet", 0.6),
+        eval_every=5,
+    ),
+    # A smoke test for CI: digits, every method, one seed, a few rounds.
+    "quick": Profile(
+        name="quick",
+        data="digits",
+        num_clients=10,
+        fraction=0.5,
+        rounds=6,
+        seeds=(0,),
+        settings=_settings([("dirichlet", 0.6)], (16,)),
+        lr_grid={16: (0.05,)},
+        tune_rounds=2,
+        tune_seed=100,
+        tune_split=("dirichlet", 0.6),
+        eval_every=1,
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One federation of the grid (``phase = "grid"``) or of the lr tuning (``"tune"``)."""
+
+    phase: str
+    method: str
+    setting: Setting
+    seed: int
+    lr: float
+    rounds: int
+
+    @property
+    def run_id(self) -> str:
+        """A file name that says what the run is."""
+        s = self.setting
+        return (
+            f"{self.phase}-{self.method}-{s.partition}{s.beta:g}-b{s.batch_size}"
+            f"-lr{self.lr:g}-seed{self.seed}"
+        )
+
+    def config(self, profile: Profile) -> Config:
+        """The run's checked configuration: the method's own defaults, then the profile's."""
+        setting = self.setting
+        data: dict[str, Any] = {
+            "name": profile.data,
+            "num_clients": profile.num_clients,
+            "partition": setting.partition,
+        }
+        if setting.partition == "dirichlet":
+            data["beta"] = setting.beta
+        table = {
+            "method": self.method,
+            "seed": self.seed,
+            "rounds": self.rounds,
+            "data": data,
+            "clients": {"fraction": profile.fraction, "min_clients": 1},
+            "train": {"batch_size": setting.batch_size, "lr": self.lr},
+            "eval": self._evaluation(profile),
+        }
+        return parse_config(table)
+
+    def _evaluation(self, profile: Profile) -> dict[str, Any]:
+        """Grid runs: every ``eval_every`` rounds and each of the last 10; tuning: the last 3."""
+        if self.phase == "tune":
+            return {"every": self.rounds, "final_rounds": TUNING_SCORE_ROUNDS, "batch_size": 1000}
+        return {"every": profile.eval_every, "final_rounds": 10, "batch_size": 1000}
+
+
+def plan(profile: Profile, tuned_lr: dict[tuple[str, int], float] | None = None) -> list[Run]:
+    """The tuning runs, or with ``tuned_lr`` (method, batch size) -> lr, the grid runs.
+
+    Grid runs are ordered seed by seed, so that an interrupted grid has whole seeds.
+    """
+    if tuned_lr is None:
+        split, beta = profile.tune_split
+        return [
+            Run(
+                "tune",
+                method,
+                Setting(split, beta, size),
+                profile.tune_seed,
+                lr,
+                profile.tune_rounds,
+            )
+            for size, lrs in profile.lr_grid.items()
+            for method in profile.methods
+            for lr in lrs
+        ]
+    return [
+        Run("grid", m, s, seed, tuned_lr[m, s.batch_size], profile.rounds)
+        for seed in profile.seeds
+        for s in profile.settings
+        for m in profile.methods
+    ]
+
+
+# -- running --------------------------------------------------------------------------------
+
+
+@functools.cache
+def _dataset(name: str, seed: int) -> Dataset:
+    return load_dataset(name, seed=seed)
+
+
+def _one_thread() -> None:
+    """Worker initializer: one intra-op thread per process."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def execute(run: Run, profile: Profile, out_dir: pathlib.Path) -> dict[str, Any]:
+    """Run ``run`` and write its result file atomically; return the result."""
+    from federation.simulation import Simulation
+
+    config = run.config(profile)
+    start = time.perf_counter()
+    simulation = Simulation(config, dataset=_dataset(profile.data, 0))
+    history = simulation.run()
+    result = {
+        "run": dataclasses.asdict(run),
+        "summary": simulation.summary(),
+        "curve": [[r.round, r.accuracy] for r in history if r.accuracy is not None],
+        "personal_curve": [
+            [r.round, r.personal_accuracy] for r in history if r.personal_accuracy is not None
+        ],
+        "seconds": time.perf_counter() - start,
+    }
+    _write_json(out_dir / "runs" / f"{run.run_id}.json", result)
+    return result
+
+
+def _write_json(path: pathlib.Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as file:
+        json.dump(document, file)
+    os.replace(file.name, path)
+
+
+def _stored(run: Run, out_dir: pathlib.Path) -> dict[str, Any] | None:
+    path = out_dir / "runs" / f"{run.run_id}.json"
+    if not path.exists():
+        return None
+    result: dict[str, Any] = json.loads(path.read_text())
+    return result
+
+
+def _execute_all(
+    runs: list[Run],
+    profile: Profile,
+    out_dir: pathlib.Path,
+    workers: int,
+    on_done: Callable[[Run, dict[str, Any]], None],
+) -> list[dict[str, Any]]:
+    results: dict[Run, dict[str, Any]] = {}
+    pending = []
+    for run in runs:
+        stored = _stored(run, out_dir)
+        if stored is None:
+            pending.append(run)
+        else:
+            results[run] = stored
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_one_thread
+    ) as pool:
+        futures = {pool.submit(execute, run, profile, out_dir): run for run in pending}
+        for future in concurrent.futures.as_completed(futures):
+            run = futures[future]
+            results[run] = future.result()
+            on_done(run, results[run])
+    return [results[run] for run in runs]
+
+
+def tuned_lrs(profile: Profile, tuning: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """The lr with the best tuning score per (method, batch size); ties go to the smaller lr."""
+    best: dict[tuple[str, int], tuple[float, float]] = {}
+    for result in tuning:
+        run = result["run"]
+        key = (run["method"], run["setting"]["batch_size"])
+        score = _tuning_score(result)
+        if key not in best or (score, -run["lr"]) > (best[key][0], -best[key][1]):
+            best[key] = (score, run["lr"])
+    return {key: lr for key, (_, lr) in best.items()}
+
+
+def _tuning_score(result: dict[str, Any]) -> float:
+    """The mean accuracy of a tuning run's last 3 evaluated rounds (a diverged run scores 0)."""
+    accuracies = [accuracy for _, accuracy in result["curve"][-TUNING_SCORE_ROUNDS:]]
+    return float(np.nan_to_num(np.mean(accuracies)))
+
+
+def run_profile(
+    profile: Profile,
+    out_dir: pathlib.Path,
+    *,
+    workers: int = 1,
+    on_done: Callable[[Run, dict[str, Any]], None] = lambda run, result: None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run (or resume) ``profile``'s tuning and grid; return both phases' results."""
+    tuning = _execute_all(plan(profile), profile, out_dir, workers, on_done)
+    grid = _execute_all(
+        plan(profile, tuned_lrs(profile, tuning)), profile, out_dir, workers, on_done
+    )
+    return tuning, grid
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def seed_interval(values: Sequence[float]) -> tuple[float, float]:
+    """The mean of ``values`` and its 95% CI half-width, :math:`t_{0.975,n-1}\\, s/\\sqrt{n}`."""
+    from scipy import stats
+
+    array = np.asarray(values, np.float64)
+    if len(array) < 2:
+        return float(array.mean()), float("nan")
+    half = stats.t.ppf(0.975, len(array) - 1) * array.std(ddof=1) / np.sqrt(len(array))
+    return float(array.mean()), float(half)
+
+
+def _by_cell(
+    grid: list[dict[str, Any]], key: str = "last10_mean_accuracy"
+) -> dict[tuple[str, Setting], dict[int, float]]:
+    cells: dict[tuple[str, Setting], dict[int, float]] = {}
+    for result in grid:
+        run = result["run"]
+        setting = Setting(**run["setting"])
+        value = result["summary"].get(key)
+        if value is not None:
+            cells.setdefault((run["method"], setting), {})[run["seed"]] = value
+    return cells
+
+
+def _format(mean: float, half: float) -> str:
+    ci = "" if np.isnan(half) else f" ± {100 * half:.1f}"
+    return f"{100 * mean:.1f}{ci}"
+
+
+def verdict(ours: dict[int, float], theirs: dict[int, float]) -> tuple[str, float, float]:
+    """``"win"``, ``"tie"`` or ``"loss"`` of ``ours`` against ``theirs`` (paired by seed)."""
+    seeds = sorted(ours.keys() & theirs.keys())
+    mean, half = seed_interval([ours[s] - theirs[s] for s in seeds])
+    if np.isnan(half) or abs(mean) <= half:
+        return "tie", mean, half
+    return ("win" if mean > 0 else "loss"), mean, half
+
+
+def write_report(
+    profile: Profile,
+    tuning: list[dict[str, Any]],
+    grid: list[dict[str, Any]],
+    markdown: pathlib.Path,
+    figure: pathlib.Path,
+    *,
+    command: str,
+) -> None:
+    """Write the tables (``markdown``) and the accuracy curves (``figure``)."""
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"# Reproduction benchmark ({profile.name} profile)",
+        "",
+        "Generated by `federation.repro`; do not edit by hand. What the figures mean, and what we",
+        "found when they disagree with the paper, is in [results-discussion.md](results-discussion.md).",
+        "",
+        *_setup_lines(profile, grid, command),
+        *_main_tables(profile, grid),
+        *_verdict_lines(profile, grid),
+        *_personal_lines(profile, grid),
+        *_tuning_lines(profile, tuning),
+    ]
+    markdown.write_text("\n".join(lines) + "\n")
+    _plot(profile, grid, figure)
+
+
+def _setup_lines(profile: Profile, grid: list[dict[str, Any]], command: str) -> list[str]:
+    seconds = sum(r["seconds"] for r in grid)
+    return [
+        "## Set-up",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()},"
+        f" {platform.platform()}",
+        f"- Data: `{profile.data}`, {profile.num_clients} clients, {profile.fraction:.0%} per round;"
+        f" Simple-CNN; torch clients.",
+        f"- {profile.rounds} rounds, 1 local epoch, SGD momentum 0.9, clip 10; seeds {list(profile.seeds)}.",
+        "- Metric: mean test accuracy (%) of the last 10 rounds, mean ± 95% CI over seeds"
+        " (t-interval). **Bold**: the best mean of a column.",
+        f"- Grid compute: {seconds / 3600:.2f} h over {len(grid)} runs (sum of run times).",
+        "",
+    ]
+
+
+def _main_tables(profile: Profile, grid: list[dict[str, Any]]) -> list[str]:
+    cells = _by_cell(grid)
+    lines = ["## Accuracy", ""]
+    header = "| method | " + " | ".join(s.label for s in profile.settings) + " |"
+    lines += [header, "|---" * (len(profile.settings) + 1) + "|"]
+    best = {
+        s: max(
+            (np.mean(list(cells[m, s].values())) for m in profile.methods if (m, s) in cells),
+            default=None,
+        )
+        for s in profile.settings
+    }
+    for method in profile.methods:
+        row = [f"`{method}`"]
+        for setting in profile.settings:
+            values = cells.get((method, setting), {})
+            if not values:
+                row.append("–")
+                continue
+            mean, half = seed_interval(list(values.values()))
+            text = _format(mean, half)
+            row.append(f"**{text}**" if np.isclose(mean, best[setting]) else text)
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
+
+
+def _verdict_lines(profile: Profile, grid: list[dict[str, Any]]) -> list[str]:
+    cells = _by_cell(grid)
+    lines = [
+        "## HBN against each baseline",
+        "",
+        "Paired difference `hbn` − baseline in accuracy points, mean ± 95% CI over seeds:",
+        "",
+        "| baseline | "
+        + " | ".join(s.label for s in profile.settings)
+        + " | wins / ties / losses |",
+        "|---" * (len(profile.settings) + 2) + "|",
+    ]
+    for method in profile.methods[1:]:
+        row, counts = [f"`{method}`"], {"win": 0, "tie": 0, "loss": 0}
+        for setting in profile.settings:
+            ours, theirs = cells.get(("hbn", setting), {}), cells.get((method, setting), {})
+            if not ours.keys() & theirs.keys():
+                row.append("–")
+                continue
+            outcome, mean, half = verdict(ours, theirs)
+            counts[outcome] += 1
+            row.append(f"{_format(mean, half)} ({outcome})")
+        row.append(f"{counts['win']} / {counts['tie']} / {counts['loss']}")
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
+
+
+def _personal_lines(profile: Profile, grid: list[dict[str, Any]]) -> list[str]:
+    cells = _by_cell(grid, "last10_mean_personal_accuracy")
+    if not cells:
+        return []
+    lines = [
+        "## FedBN, personalised",
+        "",
+        "Each round's clients with their own BatchNorm on a local test split (500 test examples",
+        "drawn with the client's label proportions). Not comparable with the global test accuracy",
+        "above: a client's local task has fewer classes.",
+        "",
+        "| method | " + " | ".join(s.label for s in profile.settings) + " |",
+        "|---" * (len(profile.settings) + 1) + "|",
+    ]
+    for method in sorted({m for m, _ in cells}):
+        row = [f"`{method}` (personalised)"]
+        for setting in profile.settings:
+            values = cells.get((method, setting), {})
+            row.append(_format(*seed_interval(list(values.values()))) if values else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
+
+
+def _tuning_lines(profile: Profile, tuning: list[dict[str, Any]]) -> list[str]:
+    split, beta = profile.tune_split
+    chosen = tuned_lrs(profile, tuning)
+    lines = [
+        "## lr tuning",
+        "",
+        f"Each method and batch size tried every lr below on {Setting(split, beta, 0).label.split(',')[0]}"
+        f" with seed {profile.tune_seed} (not a reported seed) for {profile.tune_rounds} rounds;"
+        " score: mean accuracy (%) of the last 3 evaluated rounds. The chosen lr is in bold.",
+        "",
+    ]
+    for size, lrs in profile.lr_grid.items():
+        lines += [f"B = {size}:", "", "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |"]
+        lines.append("|---" * (len(lrs) + 1) + "|")
+        scores = {
+            (r["run"]["method"], r["run"]["lr"]): _tuning_score(r)
+            for r in tuning
+            if r["run"]["setting"]["batch_size"] == size
+        }
+        for method in profile.methods:
+            row = [f"`{method}`"]
+            for lr in lrs:
+                text = f"{100 * scores[method, lr]:.1f}" if (method, lr) in scores else "–"
+                row.append(f"**{text}**" if chosen.get((method, size)) == lr else text)
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+def _plot(profile: Profile, grid: list[dict[str, Any]], path: pathlib.Path) -> None:
+    """Mean test accuracy over seeds per round, one panel per setting."""
+    from matplotlib.figure import Figure
+
+    columns = len({s.partition + str(s.beta) for s in profile.settings})
+    rows = -(-len(profile.settings) // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.4 * rows))
+    axes = np.atleast_1d(figure.subplots(rows, columns, sharey=True)).ravel()
+    for axis, setting in zip(axes, profile.settings, strict=False):
+        for method in profile.methods:
+            curves = [
+                r["curve"]
+                for r in grid
+                if r["run"]["method"] == method and Setting(**r["run"]["setting"]) == setting
+            ]
+            if curves:
+                rounds = [point[0] for point in curves[0]]
+                mean = np.mean([[point[1] for point in c] for c in curves], axis=0)
+                axis.plot(rounds, mean, label=method, linewidth=2 if method == "hbn" else 1)
+        axis.set(title=setting.label, xlabel="round", ylabel="test accuracy")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
