@@ -4,11 +4,17 @@
 
 Each framework's session installs only that framework with the test dependencies, and fails,
 rather than skips, if that framework's tests did not run (``HBN_REQUIRE``, see
-``tests/conftest.py``). ``bench`` runs the benchmarks and writes ``docs/benchmarks.md``; CI does
-not run it. Set ``HYPOTHESIS_PROFILE=dev`` for longer property searches than CI's profile.
+``tests/conftest.py``). ``bench`` runs the benchmarks and writes ``docs/benchmarks.md``, and
+``repro`` the reproduction grid (``docs/results.md``); CI runs neither (the quick profile of
+``repro`` runs in tests-torch). Set ``HYPOTHESIS_PROFILE=dev`` for longer property searches
+than CI's profile.
 """
 
 from __future__ import annotations
+
+import os
+import pathlib
+import shutil
 
 import nox
 
@@ -122,3 +128,37 @@ def bench(session: nox.Session) -> None:
     """Benchmarks (not run by CI); figures go to docs/benchmarks.md."""
     session.install(TORCH, "-e", ".[all,flower]")
     session.run("python", "benchmarks/run.py", "--output", "docs/benchmarks.md", *session.posargs)
+
+
+@nox.session
+def repro(session: nox.Session) -> None:
+    """The reproduction grid on Fashion-MNIST (about 2 hours on 2 cores; not run by CI).
+
+    Writes docs/results.md and docs/results.png; run results go to .repro/ and an interrupted
+    grid resumes there. Fashion-MNIST comes from Debian's ``dataset-fashion-mnist``, installed
+    here when apt-get may be run. ``nox -s repro -- --profile quick`` is the smoke test.
+    """
+    _install_fashion_mnist(session)
+    session.install(TORCH, "-e", ".[torch,federation]")
+    arguments = session.posargs or ["--profile", "full"]
+    session.run(
+        "hbn-fed",
+        "repro",
+        "--out",
+        ".repro",
+        "--workers",
+        "2",
+        "--report",
+        "docs/results.md",
+        *arguments,
+    )
+
+
+def _install_fashion_mnist(session: nox.Session) -> None:
+    """``apt-get install dataset-fashion-mnist`` if the files are missing and apt-get may run."""
+    if pathlib.Path("/usr/share/datasets/fashion-mnist").is_dir():
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        session.warn("Fashion-MNIST is missing: sudo apt-get install -y dataset-fashion-mnist")
+        return
+    session.run("apt-get", "install", "-y", "dataset-fashion-mnist", external=True)

@@ -19,7 +19,7 @@ Each tensor has a :class:`Role`, which the model's layer types decide (never a n
   statistics, which FedAvg+BN averages like weights: that is the baseline).
 - ``statistics``: HBN's ``global_mean`` and ``global_var``, set by the server from pooled
   :class:`hbn_core.Moments`, never averaged.
-- ``personal``: HBN's ``alpha``; it stays on its client and is never sent.
+- ``personal``: HBN's ``alpha``, and FedBN's norm-layer tensors; they stay on their client.
 - ``counter``: framework-local counters such as torch's ``num_batches_tracked``. They are not
   in the canonical layout at all: never sent, never averaged, reset when a client loads a model.
 

@@ -281,22 +281,50 @@ def test_malformed_reports_are_refused(report, match):
 # -- configuration -----------------------------------------------------------------------------
 
 
-def test_presets_fill_keys_the_user_did_not_set():
-    config = parse_config({"protocol": "authors", "statistics": {"momentum": 0.1}})
+def test_method_defaults_fill_keys_the_user_did_not_set():
+    config = parse_config({"method": "hbn-authors", "statistics": {"momentum": 0.1}})
     assert config.statistics.momentum == 0.1
     assert config.statistics.mode == "hybrid"
     assert config.statistics.max_batches == 1
     assert config.alpha.policy == "averaged"
     assert config.eval.statistics == "sync"
     assert parse_config({}).statistics.mode == "global"
+    assert parse_config({"method": "fedbn"}).eval.personal
+    assert parse_config({"method": "fbn"}).statistics.momentum == 0.1
+
+
+@pytest.mark.parametrize(
+    ("method", "norm", "layout_has"),
+    [
+        ("hbn", "hbn", {"norm1.alpha": "personal", "norm1.global_mean": "statistics"}),
+        ("fbn", "hbn", {"norm1.global_mean": "statistics"}),
+        ("bn", "bn", {"norm1.weight": "shared", "norm1.running_mean": "shared"}),
+        ("fedbn", "bn", {"norm1.weight": "personal", "norm1.running_mean": "personal"}),
+        ("fixbn", "bn", {"norm1.running_var": "shared"}),
+        ("gn", "gn", {"norm1.weight": "shared"}),
+        ("ln", "ln", {"norm1.weight": "shared"}),
+        ("fedfn", "none", {"fc1.weight": "shared"}),
+    ],
+)
+def test_each_method_builds_its_model(method, norm, layout_has):
+    spec = parse_config({"method": method}).model_spec((1, 8, 8), 10)
+    assert spec.norm == norm
+    assert spec.feature_norm == (method == "fedfn")
+    layout = spec.layout()
+    assert {name: layout[name].role.value for name in layout_has} == layout_has
+    assert ("norm1.alpha" in layout) == (method == "hbn")
+
+
+def test_fixbn_freezes_statistics_from_its_switch_round():
+    config = parse_config({"method": "fixbn", "rounds": 10, "fixbn": {"switch_fraction": 0.3}})
+    assert [config.freezes_statistics(r) for r in range(10)] == [False] * 3 + [True] * 7
+    assert not parse_config({"method": "bn", "rounds": 10}).freezes_statistics(9)
 
 
 def test_overrides_are_toml_values_and_bare_words():
-    config = parse_config(
-        {}, ["train.lr=0.2", "model.norm=bn", "clients.frameworks={torch=6, jax=4}"]
-    )
+    config = parse_config({}, ["train.lr=0.2", "method=bn", "clients.frameworks={torch=6, jax=4}"])
     assert config.train.lr == 0.2
-    assert config.model.norm == "bn"
+    assert config.method == "bn"
     assert config.client_frameworks == ["torch"] * 6 + ["jax"] * 4
 
 
@@ -305,14 +333,12 @@ def test_overrides_are_toml_values_and_bare_words():
     [
         ({"trian": {}}, [], "unknown key\\(s\\) \\['trian'\\]; the top level allows"),
         ({"train": {"learning_rate": 1}}, [], "unknown key\\(s\\) \\['train.learning_rate'\\]"),
-        (
-            {},
-            ["model.norm=batch"],
-            "`model.norm` must be one of \\['hbn', 'bn', 'gn', 'ln', 'none'\\]",
-        ),
+        ({}, ["model.norm=bn"], "unknown key\\(s\\) \\['model.norm'\\]"),
         ({}, ["train.lr=-1"], "`train.lr` must be > 0; got -1"),
         ({}, ["train.epochs=1.5"], "`train.epochs` must be a int; got 1.5"),
-        ({}, ["protocol=paper"], "`protocol` must be one of \\['hbn', 'authors'\\]"),
+        ({}, ["method=paper"], "`method` must be one of \\['hbn', 'hbn-authors', 'fbn'"),
+        ({}, ["server.momentum=1"], "`server.momentum` must be in \\[0, 1\\)"),
+        ({}, ["fixbn.switch_fraction=2"], "`fixbn.switch_fraction` must be in \\[0, 1\\]"),
         ({}, ["clients.frameworks={torch=3}"], "counts summing to data.num_clients = 10"),
         ({}, ["clients.frameworks={pytorch=10}"], "keyed by \\['torch', 'jax', 'keras'\\]"),
         ({}, ["statistics.momentum=0"], "`statistics.momentum` must be in \\(0, 1\\]"),

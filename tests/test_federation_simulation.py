@@ -136,24 +136,155 @@ def test_personal_alpha_is_never_sent_and_differs_between_clients(monkeypatch):
     assert all(np.abs(a).max() > 0 for a in alphas)
 
 
-def test_the_authors_protocol_sends_and_averages_alpha(monkeypatch):
+def test_the_authors_method_sends_and_averages_alpha(monkeypatch):
     sent = []
     original = aggregate.fedavg
     monkeypatch.setattr(aggregate, "fedavg", lambda s, w: (sent.extend(s), original(s, w))[1])
-    simulation = Simulation(small_config(protocol="authors"), dataset=DATA)
+    simulation = Simulation(small_config(method="hbn-authors"), dataset=DATA)
     record = simulation.run_round()
     assert all("norm1.alpha" in update for update in sent)
-    assert np.abs(simulation.alpha_average["norm1.alpha"]).max() > 0
+    assert np.abs(simulation.personal_average["norm1.alpha"]).max() > 0
     assert record.accuracy is not None
     assert np.isfinite(record.loss)
 
 
-@pytest.mark.parametrize("norm", ["bn", "gn", "none"])
-def test_models_without_hbn_skip_the_statistics_step(norm):
-    simulation = Simulation(small_config(model={"norm": norm}), dataset=DATA)
+@pytest.mark.parametrize("method", ["bn", "gn", "none"])
+def test_models_without_hbn_skip_the_statistics_step(method):
+    simulation = Simulation(small_config(method=method), dataset=DATA)
     record = simulation.run_round()
     assert record.statistics_clients == []
     assert record.trained_clients == [0, 1, 2, 3]
+
+
+# -- the baselines ------------------------------------------------------------------------------
+
+
+def spy_on_fedavg(monkeypatch) -> list[tuple[list, list]]:
+    """Record every FedAvg call's states and weights."""
+    calls = []
+    original = aggregate.fedavg
+
+    def spy(states, weights):
+        calls.append((states, weights))
+        return original(states, weights)
+
+    monkeypatch.setattr(aggregate, "fedavg", spy)
+    return calls
+
+
+def test_fedbn_keeps_batchnorm_on_its_clients_and_averages_it_only_to_evaluate(monkeypatch):
+    calls = spy_on_fedavg(monkeypatch)
+    simulation = Simulation(small_config(method="fedbn"), dataset=DATA)
+    initial = dict(simulation.initial_personal)
+    record = simulation.run_round()
+    assert not any(name.startswith("norm") for name in simulation.global_state)
+    own = [c.personal["norm1.weight"] for c in simulation.clients]
+    assert not np.array_equal(own[0], own[1])
+    states, weights = calls[-1]
+    expected = np.average(
+        np.stack([s["norm1.running_mean"] for s in states]).astype(np.float64), 0, weights
+    )
+    np.testing.assert_allclose(simulation.personal_average["norm1.running_mean"], expected, 1e-6)
+    # A returning client starts from its own BatchNorm; a new one from the initial one.
+    client = simulation.clients[0]
+    first = simulation._first_personal()
+    assert client.model_state(simulation.global_state, first)["norm1.weight"] is own[0]
+    np.testing.assert_array_equal(first["norm1.weight"], initial["norm1.weight"])
+    assert 0 <= record.personal_accuracy <= 1
+    assert simulation.summary()["last10_mean_personal_accuracy"] == record.personal_accuracy
+
+
+def test_a_local_test_split_follows_the_clients_label_proportions():
+    simulation = Simulation(small_config(method="fedbn", data={"beta": 0.3}), dataset=DATA)
+    for client in simulation.clients:
+        split = simulation._local_test_split(0, client)
+        train = np.bincount(DATA.y_train[client.indices], minlength=4) / len(client.indices)
+        test = np.bincount(DATA.y_test[split], minlength=4) / len(split)
+        np.testing.assert_allclose(test, train, atol=1 / len(split))
+
+
+def test_fixbn_freezes_the_running_statistics_from_its_switch_round():
+    config = small_config(method="fixbn", rounds=3, fixbn={"switch_fraction": 1 / 3})
+    simulation = Simulation(config, dataset=DATA)
+    before = dict(simulation.global_state)
+    simulation.run_round()
+    switched = dict(simulation.global_state)
+    assert not np.array_equal(switched["norm1.running_mean"], before["norm1.running_mean"])
+    simulation.run()
+    for name in ("norm1.running_mean", "norm1.running_var", "norm3.running_var"):
+        np.testing.assert_array_equal(simulation.global_state[name], switched[name])
+    assert not np.array_equal(simulation.global_state["norm1.weight"], switched["norm1.weight"])
+
+
+def test_fbn_trains_with_the_pooled_statistics_blended_by_its_momentum():
+    simulation = Simulation(small_config(method="fbn"), dataset=DATA)
+    assert not select(simulation.layout, Role.PERSONAL)
+    everything = np.concatenate([c.indices for c in simulation.clients])
+    central = central_statistics(simulation, everything)
+    simulation.run_round()
+    for name, (mean, var) in simulation.global_statistics().items():
+        count, central_mean, m2 = central[name]
+        np.testing.assert_allclose(mean, 0.1 * central_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var, 0.9 + 0.1 * m2 / count, rtol=1e-5, atol=1e-6)
+
+
+def test_fedfn_feeds_fc1_unit_features_scaled_by_the_square_root_of_their_size():
+    import torch
+
+    simulation = Simulation(small_config(method="fedfn"), dataset=DATA)
+    network = simulation.models["torch"].network
+    seen = []
+    network.fc1.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    network(torch.from_numpy(DATA.x_train[:5]))
+    norms = torch.linalg.vector_norm(seen[0], dim=1)
+    np.testing.assert_allclose(norms.detach().numpy(), np.sqrt(seen[0].shape[1]), rtol=1e-5)
+
+
+def test_server_momentum_is_fedavgm_over_the_rounds_averages(monkeypatch):
+    calls = spy_on_fedavg(monkeypatch)
+    simulation = Simulation(small_config(server={"momentum": 0.5}, rounds=3), dataset=DATA)
+    weights = [simulation.global_state["fc2.weight"].astype(np.float64)]
+    velocity = np.zeros_like(weights[0])
+    for _ in range(3):
+        simulation.run_round()
+        states, examples = calls[-1]
+        average = np.average(
+            np.stack([s["fc2.weight"] for s in states]).astype(np.float64), 0, examples
+        )
+        velocity = 0.5 * velocity + (weights[-1] - average)
+        weights.append(weights[-1] - velocity)
+        np.testing.assert_allclose(simulation.global_state["fc2.weight"], weights[-1], 1e-5, 1e-6)
+        weights[-1] = simulation.global_state["fc2.weight"].astype(np.float64)
+
+
+def test_a_sync_evaluation_pass_that_no_client_answers_uses_the_protocols_statistics(
+    monkeypatch,
+):
+    simulation = Simulation(small_config(eval={"statistics": "sync"}), dataset=DATA)
+    collect, evaluate = Client.collect_statistics, Simulation.evaluate
+    evaluating = []
+
+    def offline_while_evaluating(self, *args, **kwargs):
+        if evaluating:
+            msg = "client offline"
+            raise ConnectionError(msg)
+        return collect(self, *args, **kwargs)
+
+    def flagged_evaluate(self, *args):
+        evaluating.append(True)
+        try:
+            return evaluate(self, *args)
+        finally:
+            evaluating.clear()
+
+    monkeypatch.setattr(Client, "collect_statistics", offline_while_evaluating)
+    monkeypatch.setattr(Simulation, "evaluate", flagged_evaluate)
+    record = simulation.run_round()
+    assert simulation.rounds_done == 1
+    model = simulation.models["torch"]
+    model.set_state({**simulation.global_state, **simulation.personal_average})
+    result = model.evaluate([(DATA.x_test, DATA.y_test)])
+    assert record.accuracy == result.correct / result.examples
 
 
 def test_a_run_with_the_same_seed_gives_the_same_results():

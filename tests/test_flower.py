@@ -201,7 +201,8 @@ def assert_statistics_equal(actual, expected) -> None:
 MIXED = {
     "rounds": 3,
     "data": {"num_clients": 6, "partition": "dirichlet", "beta": 0.5},
-    "model": {"architecture": "simple-cnn", "norm": "hbn"},
+    "method": "hbn",
+    "model": {"architecture": "simple-cnn"},
     "clients": {"frameworks": {"torch": 3, "jax": 3}, "min_clients": 2},
     "train": {"batch_size": 32, "drop_last": True},
 }
@@ -448,14 +449,15 @@ def test_what_cannot_run_on_flower_is_refused():
         HBNFedAvg(config=small_config(alpha={"policy": "averaged"}), layout=layout)
     with pytest.raises(ConfigError, match=r"`eval\.statistics` must be 'ema'"):
         HBNFedAvg(config=small_config(eval={"statistics": "sync"}), layout=layout)
+    for method in ("fedbn", "fixbn"):
+        with pytest.raises(ConfigError, match=f"`method` '{method}' runs in the embedded"):
+            HBNFedAvg(config=small_config(method=method), layout=layout)
+    with pytest.raises(ConfigError, match=r"`server\.momentum` must be 0 on Flower"):
+        HBNFedAvg(config=small_config(server={"momentum": 0.9}), layout=layout)
 
 
 def _layout(config):
-    model = config.model
-    spec = ModelSpec(
-        model.architecture, model.norm, DIGITS.input_shape, DIGITS.num_classes, hidden=model.hidden
-    )
-    return spec.layout()
+    return config.model_spec(DIGITS.input_shape, DIGITS.num_classes).layout()
 
 
 # -- flwr run ------------------------------------------------------------------------------------

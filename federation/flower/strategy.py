@@ -126,7 +126,8 @@ class HBNStrategy:
     ------
     federation.config.ConfigError
         If the configuration asks for what cannot run on Flower: ``alpha.policy = "averaged"``
-        (alpha never leaves a node) or ``eval.statistics = "sync"``.
+        (alpha never leaves a node), ``eval.statistics = "sync"``, ``method = "fedbn"`` or
+        ``"fixbn"``, or ``server.momentum`` (Flower's FedAvgM is the base strategy for that).
     """
 
     # What the mixin uses from the FedAvg family, declared for the type checker.
@@ -337,7 +338,26 @@ class HBNFedAvg(HBNStrategy, FedAvg):
     """HBN rounds over :class:`flwr.serverapp.strategy.FedAvg` (see :class:`HBNStrategy`)."""
 
 
+# Methods whose rounds need more than the HBN round of this strategy.
+_EMBEDDED_ONLY_METHODS = {
+    "fedbn": "its evaluation averages personal BatchNorm tensors",
+    "fixbn": "its clients switch to frozen statistics at a round",
+}
+
+
 def _check_supported(config: Config) -> None:
+    if config.method in _EMBEDDED_ONLY_METHODS:
+        msg = (
+            f"`method` {config.method!r} runs in the embedded simulation only, not on Flower: "
+            f"{_EMBEDDED_ONLY_METHODS[config.method]}."
+        )
+        raise ConfigError(msg)
+    if config.server.momentum:
+        msg = (
+            "`server.momentum` must be 0 on Flower: use Flower's FedAvgM as the base strategy "
+            f"instead; got {config.server.momentum!r}."
+        )
+        raise ConfigError(msg)
     if config.alpha.policy != "personal":
         msg = (
             "`alpha.policy` must be 'personal' on Flower: alpha stays on its node; "

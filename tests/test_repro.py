@@ -1,0 +1,87 @@
+"""The reproduction benchmark's quick profile: every method runs and beats chance; resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from federation.repro import PROFILES, plan, run_profile, seed_interval, verdict, write_report
+
+pytest.importorskip("torch")
+
+pytestmark = pytest.mark.torch
+
+QUICK = PROFILES["quick"]
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro")
+    finished = []
+    tuning, grid = run_profile(QUICK, out, workers=2, on_done=lambda run, _: finished.append(run))
+    return out, tuning, grid, finished
+
+
+def test_every_method_runs_and_beats_chance(quick_results):
+    _, _, grid, _ = quick_results
+    chance = 1 / 10
+    accuracy = {r["run"]["method"]: r["summary"]["last10_mean_accuracy"] for r in grid}
+    assert sorted(accuracy) == sorted(QUICK.methods)
+    assert all(value > 2 * chance for value in accuracy.values()), accuracy
+    assert all(r["summary"]["faults"] == 0 for r in grid)
+
+
+def test_each_run_is_stored_once_and_a_second_call_resumes_without_rerunning(quick_results):
+    out, tuning, grid, finished = quick_results
+    assert len(finished) == len(tuning) + len(grid) == len(list((out / "runs").glob("*.json")))
+    again = []
+    resumed = run_profile(QUICK, out, workers=1, on_done=lambda run, _: again.append(run))
+    assert again == []
+    assert resumed == (tuning, grid)
+
+
+def test_the_report_has_every_method_and_a_plot(quick_results, tmp_path):
+    _, tuning, grid, _ = quick_results
+    markdown, figure = tmp_path / "results.md", tmp_path / "results.png"
+    write_report(QUICK, tuning, grid, markdown, figure, command="hbn-fed repro --profile quick")
+    text = markdown.read_text()
+    for method in QUICK.methods:
+        assert f"| `{method}` |" in text
+    assert "`fedbn` (personalised)" in text
+    assert figure.read_bytes().startswith(b"\x89PNG")
+
+
+def test_runs_are_planned_seed_by_seed_with_the_tuned_lr():
+    lrs = {
+        (m, s.batch_size): 0.01 * (i + 1)
+        for i, m in enumerate(QUICK.methods)
+        for s in QUICK.settings
+    }
+    runs = plan(QUICK, lrs)
+    assert [r.seed for r in runs] == sorted(r.seed for r in runs)
+    assert all(r.lr == lrs[r.method, r.setting.batch_size] for r in runs)
+    config = runs[0].config(QUICK)
+    assert (config.method, config.data.name, config.rounds) == (runs[0].method, "digits", 6)
+    assert json.dumps(config.to_dict())  # the run's configuration is plain data
+
+
+def test_seed_intervals_are_student_t_intervals():
+    mean, half = seed_interval([0.70, 0.72, 0.74])
+    assert mean == pytest.approx(0.72)
+    # t(0.975, 2) = 4.302653, s = 0.02: half-width 4.302653 * 0.02 / sqrt(3).
+    assert half == pytest.approx(4.302653 * 0.02 / np.sqrt(3), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "outcome"),
+    [
+        ({0: 0.80, 1: 0.81, 2: 0.82}, {0: 0.70, 1: 0.71, 2: 0.73}, "win"),
+        ({0: 0.70, 1: 0.71, 2: 0.73}, {0: 0.80, 1: 0.81, 2: 0.82}, "loss"),
+        ({0: 0.80, 1: 0.70, 2: 0.75}, {0: 0.70, 1: 0.80, 2: 0.75}, "tie"),
+        ({0: 0.80}, {0: 0.70}, "n/a"),
+    ],
+)
+def test_verdicts_pair_runs_by_seed(ours, theirs, outcome):
+    assert verdict(ours, theirs)[0] == outcome
