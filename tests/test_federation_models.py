@@ -2,14 +2,16 @@
 
 The single-framework tests run once per framework, in its session (``jax``: JAX, Flax and
 optax; ``tf``: TensorFlow and Keras): state round trips, HBN statistics against a float64 NumPy
-forward of the canonical state, and training. The ``cross`` tests load one canonical state into
-the torch model and the other framework's model and check that they compute the same things,
-training included. JAX models of one spec share their compiled steps; a Keras model compiles
-its own, once.
+forward of the canonical state, training, and the FedFN, FBN and FixBN options against
+properties of their own. The ``cross`` tests load one canonical state into the torch model and
+the other framework's model and check that they compute the same things, training included
+(the options in float64, to rounding). JAX models of one spec share their compiled steps; a
+Keras model compiles its own, once (once per statistics mode with FixBN).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -27,10 +29,27 @@ MODELS = pytest.mark.parametrize(
     ("architecture", "norm"), [(a, n) for a in ARCHITECTURES for n in NORMS]
 )
 HBN_MODES = pytest.mark.parametrize("mode", ["hybrid", "global"])
+# FedFN, FBN and FixBN (`feature_norm`, `hybrid="global"`, `freeze_statistics`) on small
+# models; the Simple-CNN pools (2, 8, 16) to 1x2, so fc1's flatten order differs by framework.
+OPTION_SHAPE = (2, 8, 16)
 
 
 def make_spec(architecture: str, norm: str, shape: tuple[int, int, int] | None = None) -> ModelSpec:
     return ModelSpec(architecture, norm, shape or TRAIN_SHAPES[architecture], CLASSES)
+
+
+def option_spec(architecture: str, norm: str, dtype: str = "float32", **options: Any) -> ModelSpec:
+    """A small model of ``architecture`` and ``norm`` with the ModelSpec ``options``."""
+    return ModelSpec(
+        architecture,
+        norm,
+        OPTION_SHAPE,
+        CLASSES,
+        hidden=16,
+        channels=(4, 8, 8),
+        dtype=dtype,
+        **options,
+    )
 
 
 def make_batches(spec: ModelSpec, count: int, *, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -187,24 +206,32 @@ def test_training_lowers_the_loss(framework, architecture, norm):
     assert all(np.isfinite(v).all() for v in model.get_state().values())
 
 
-@pytest.mark.tf
-def test_keras_steps_compile_once(monkeypatch):
+def traced_keras_model(
+    monkeypatch: pytest.MonkeyPatch, spec: ModelSpec, steps: list[str]
+) -> tuple[Any, list[str]]:
+    """A Keras model of ``spec``, and the names of its ``steps`` each time one is traced."""
     import_framework("federation.models.keras_model", "tf")
     import keras
 
     if keras.backend.backend() == "torch":
         pytest.skip("Keras runs its steps eagerly on torch: nothing is traced")
-    spec = make_spec("simple-cnn", "hbn")
-    model = build_model("keras", spec, seed=0)
-    traces = []
+    traces: list[str] = []
 
     def counting(step: str) -> None:
         original = getattr(model.network, step)
         # Keras' step methods run in Python only while their compiled function is traced.
         monkeypatch.setattr(model.network, step, lambda data: traces.append(step) or original(data))
 
-    counting("train_step")
-    counting("predict_step")
+    model = build_model("keras", spec, seed=0)
+    for step in steps:
+        counting(step)
+    return model, traces
+
+
+@pytest.mark.tf
+def test_keras_steps_compile_once(monkeypatch):
+    spec = make_spec("simple-cnn", "hbn")
+    model, traces = traced_keras_model(monkeypatch, spec, ["train_step", "predict_step"])
     batches = make_batches(spec, 2, seed=9)
     # New hyperparameters (clipping and momentum off included), new states and new batches
     # of the same size reuse the steps compiled by the first calls.
@@ -213,6 +240,108 @@ def test_keras_steps_compile_once(monkeypatch):
         model.train(batches + make_batches(spec, 1, seed=seed), sgd)
         model.evaluate(batches)
     assert sorted(traces) == ["predict_step", "train_step"]
+
+
+@pytest.mark.tf
+def test_keras_compiles_one_train_step_per_statistics_mode(monkeypatch):
+    spec = option_spec("mlp", "bn")
+    model, traces = traced_keras_model(monkeypatch, spec, ["train_step"])
+    batches = make_batches(spec, 2, seed=17)
+    for freeze in (False, True, True, False, True):
+        model.train(batches, SGDConfig(lr=0.1), freeze_statistics=freeze)
+    assert traces == ["train_step", "train_step"]
+
+
+def numpy_fedfn_mlp_logits(state: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    r"""A FedFN MLP without norm in float64 NumPy: fc1 sees :math:`\sqrt{d}\, z/\lVert z \rVert`."""
+    z = x.reshape(len(x), -1).astype(np.float64)
+    z = np.sqrt(z.shape[1]) * z / np.linalg.norm(z, axis=1, keepdims=True)
+    hidden = np.maximum(z @ state["fc1.weight"].T + state["fc1.bias"], 0.0)
+    return hidden @ state["fc2.weight"].T + state["fc2.bias"]
+
+
+def test_fedfn_scales_the_features_of_fc1_to_root_d(framework):
+    spec = option_spec("mlp", "none", feature_norm=True)
+    model = build_model(framework, spec, seed=0)
+    state = model.get_state()
+    x = make_batches(spec, 1, seed=10)[0][0]
+    # Per-example scales of 1e-3 to 1e3: the features of fc1 have norm sqrt(d) whatever they are.
+    x = x * np.logspace(-3, 3, BATCH, dtype=np.float32)[:, None, None, None]
+    expected = numpy_fedfn_mlp_logits(state, x)
+    np.testing.assert_allclose(LOGITS[framework](model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("feature_norm", [True, False], ids=["fedfn", "plain"])
+def test_fedfn_makes_a_bias_free_cnn_invariant_to_input_scale(framework, feature_norm):
+    # Without biases, conv, ReLU and max-pool are positively homogeneous: the flat features
+    # scale with the input, and only FedFN's normalisation removes that scale.
+    spec = option_spec("simple-cnn", "none", feature_norm=feature_norm)
+    model = build_model(framework, spec, seed=0)
+    state = model.get_state()
+    model.set_state(
+        {
+            k: np.zeros_like(v) if k.startswith("conv") and k.endswith("bias") else v
+            for k, v in state.items()
+        }
+    )
+    x = make_batches(spec, 1, seed=11)[0][0]
+    logits, scaled = LOGITS[framework](model, x), LOGITS[framework](model, 10.0 * x)
+    assert np.allclose(scaled, logits, rtol=1e-5, atol=1e-5) == feature_norm
+
+
+def as_batchnorm_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An FBN state as a BatchNorm state: the global statistics as running statistics."""
+    return {name.replace(".global_", ".running_"): value for name, value in state.items()}
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_fbn_trains_as_batchnorm_with_its_global_statistics_frozen(framework, architecture):
+    fbn_spec = option_spec(architecture, "hbn", "float64", hybrid="global")
+    fbn = build_model(framework, fbn_spec, seed=0)
+    assert not any(name.endswith("alpha") for name in fbn.get_state())
+    fbn.set_state(nontrivial(fbn.get_state(), fbn_spec, seed=12))
+    bn = build_model(framework, dataclasses.replace(fbn_spec, norm="bn", hybrid="learned"), seed=1)
+    bn.set_state(as_batchnorm_state(fbn.get_state()))
+    batches = make_batches(fbn_spec, 3, seed=13)
+    # Weight decay and momentum: a trained alpha of +inf would turn NaN.
+    sgd = SGDConfig(lr=0.1, momentum=0.9, weight_decay=0.05, clip_norm=1.0)
+    fbn_result = fbn.train(batches, sgd)
+    bn_result = bn.train(batches, sgd, freeze_statistics=True)
+    np.testing.assert_allclose(fbn_result.loss_sum, bn_result.loss_sum, rtol=1e-10)
+    trained_fbn, trained_bn = as_batchnorm_state(fbn.get_state()), bn.get_state()
+    assert trained_fbn.keys() == trained_bn.keys()
+    for name, value in trained_bn.items():
+        np.testing.assert_allclose(trained_fbn[name], value, rtol=1e-10, atol=1e-12, err_msg=name)
+    # Training and collection normalise HBN's inputs with the global statistics alone.
+    inputs = [x for x, _ in batches]
+    hybrid, global_ = (fbn.collect_statistics(inputs, mode) for mode in ("hybrid", "global"))
+    for name, moments in global_.items():
+        assert int(hybrid[name].count) == int(moments.count)
+        np.testing.assert_allclose(hybrid[name].mean, moments.mean, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(hybrid[name].m2, moments.m2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_frozen_statistics_stay_while_the_affines_train(framework, architecture):
+    spec = option_spec(architecture, "bn")
+    model = build_model(framework, spec, seed=0)
+    model.set_state(nontrivial(model.get_state(), spec, seed=14))
+    before = model.get_state()
+    batches = make_batches(spec, 2, seed=15)
+    model.train(batches, SGDConfig(lr=0.1, momentum=0.9), freeze_statistics=True)
+    frozen = model.get_state()
+    for layer in spec.norm_layers():
+        for leaf in ("running_mean", "running_var"):
+            np.testing.assert_array_equal(frozen[f"{layer}.{leaf}"], before[f"{layer}.{leaf}"])
+        for leaf in ("weight", "bias"):
+            assert not np.array_equal(frozen[f"{layer}.{leaf}"], before[f"{layer}.{leaf}"])
+    # The next call without freezing updates the statistics again.
+    model.train(batches, SGDConfig(lr=0.1))
+    tracking = model.get_state()
+    for layer in spec.norm_layers():
+        assert not np.array_equal(
+            tracking[f"{layer}.running_mean"], frozen[f"{layer}.running_mean"]
+        )
 
 
 # --- Each framework against torch -----------------------------------------------------------
@@ -288,10 +417,12 @@ def gradient_norm(spec: ModelSpec, state: dict, batch: tuple[np.ndarray, np.ndar
     probe.set_state(state)
     network = probe.network
     network.train()
-    x, y = (torch.from_numpy(a) for a in batch)
+    x, y = torch.from_numpy(batch[0].astype(spec.dtype)), torch.from_numpy(batch[1])
     torch.nn.functional.cross_entropy(network(x), y).backward()
     return float(
-        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in network.parameters()]))
+        torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in network.parameters() if p.grad is not None])
+        )
     )
 
 
@@ -332,4 +463,52 @@ def assert_running_vars_agree(
         added = (trained_other[f"{layer}.running_var"] - decayed) * n / (n - 1)
         np.testing.assert_allclose(
             decayed + added, trained_torch[f"{layer}.running_var"], rtol=1e-4, err_msg=layer
+        )
+
+
+def assert_close_states(actual: dict, expected: dict) -> None:
+    """The same tensors, equal to float64 rounding."""
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_allclose(actual[name], value, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+# FedFN, FBN and FixBN: (architecture, norm, ModelSpec options, freeze_statistics).
+OPTIONS = {
+    "fedfn-cnn": ("simple-cnn", "hbn", {"feature_norm": True}, False),
+    "fedfn-mlp": ("mlp", "ln", {"feature_norm": True}, False),
+    "fbn-cnn": ("simple-cnn", "hbn", {"hybrid": "global"}, False),
+    "fbn-mlp": ("mlp", "hbn", {"hybrid": "global"}, False),
+    "fixbn-cnn": ("simple-cnn", "bn", {}, True),
+    "fixbn-mlp": ("mlp", "bn", {}, True),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_options_train_and_evaluate_as_torch_in_float64(other, option):
+    from tests.test_cross_federation import logits
+
+    architecture, norm, options, freeze = OPTIONS[option]
+    spec = option_spec(architecture, norm, "float64", **options)
+    torch_model, other_model, state = same_models(spec, other)
+    batches = make_batches(spec, 3, seed=16)
+    clip = 0.5 * gradient_norm(spec, state, batches[0])
+    sgd = SGDConfig(lr=0.1, momentum=0.9, weight_decay=0.05, clip_norm=clip)
+    expected = torch_model.train(batches, sgd, freeze_statistics=freeze)
+    actual = other_model.train(batches, sgd, freeze_statistics=freeze)
+    assert (actual.examples, actual.steps) == (expected.examples, expected.steps)
+    # Keras reports its training loss in float32.
+    np.testing.assert_allclose(actual.loss_sum, expected.loss_sum, rtol=1e-6)
+    assert_close_states(other_model.get_state(), torch_model.get_state())
+    expected_eval, actual_eval = torch_model.evaluate(batches), other_model.evaluate(batches)
+    assert actual_eval.correct == expected_eval.correct
+    np.testing.assert_allclose(actual_eval.loss_sum, expected_eval.loss_sum, rtol=1e-10)
+    # Inference, then training mode (last: BatchNorm's running variances then part ways).
+    x = batches[0][0].astype(np.float64)
+    for training in (False, True):
+        np.testing.assert_allclose(
+            logits(other, other_model, x, training=training),
+            logits("torch", torch_model, x, training=training),
+            rtol=1e-10,
+            atol=1e-10,
         )

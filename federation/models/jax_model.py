@@ -149,8 +149,10 @@ class _Network(nnx.Module):
         return self.fc2(nnx.relu(self.fc1(self._features(x))))
 
     def _features(self, x: jax.Array) -> jax.Array:
-        r"""``x`` flattened to :math:`z \in \mathbb{R}^d` per example; FedFN's
-        :math:`\sqrt{d}\, z / \max(\lVert z \rVert_2, 10^{-12})` if the spec asks for it.
+        r"""``x`` flattened to :math:`z \in \mathbb{R}^d` per example, for ``fc1``.
+
+        With FedFN (``spec.feature_norm``) it is :math:`\sqrt{d}\, z / \max(\lVert z
+        \rVert_2, 10^{-12})`, as torch's ``F.normalize(z, eps=1e-12) * sqrt(d)``.
         """
         z = x.reshape(x.shape[0], -1)
         if not self.feature_norm:
@@ -253,7 +255,9 @@ class JaxModel:
         self._kinds = {layer.name: layer.kind for layer in spec.layers()}
         self.network = _Network(spec, rngs=nnx.Rngs(seed))
         self._batchnorms = [
-            module for _, module in nnx.iter_modules(self.network) if isinstance(module, nnx.BatchNorm)
+            module
+            for _, module in nnx.iter_modules(self.network)
+            if isinstance(module, nnx.BatchNorm)
         ]
 
     def _variable(self, name: str) -> nnx.Variable[jax.Array]:

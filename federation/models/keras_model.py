@@ -25,8 +25,8 @@ each side: torch's ``padding=1``. Training and evaluation are Keras' own compile
 (``train_on_batch`` with an optimiser of ours, ``predict_on_batch``, whose logits give the
 cross-entropy in float64 NumPy), compiled once per model: the optimiser's hyperparameters are
 variables, so a new learning rate or a new state does not retrace; training with frozen
-BatchNorm statistics (FixBN) is another train step, compiled when the mode changes. They run on
-every Keras backend; CI and the federation use TensorFlow, Keras' default.
+BatchNorm statistics (FixBN) has a train step of its own, compiled once too. They run on every
+Keras backend; CI and the federation use TensorFlow, Keras' default.
 
 Warnings
 --------
@@ -80,7 +80,7 @@ _BATCHNORM_MOMENTUM = 1.0 - 0.1
 _CHANNELS_LAST = "channels_last"
 
 
-@keras.saving.register_keras_serializable(package="hbn_federation")
+@keras.saving.register_keras_serializable(package="hbn")
 class FeatureNormalization(keras.layers.Layer):
     r"""FedFN's feature normalisation of flat features :math:`z \in \mathbb{R}^d` per example.
 
@@ -89,7 +89,7 @@ class FeatureNormalization(keras.layers.Layer):
     """
 
     def call(self, inputs: Any) -> Any:
-        """Scale each example of ``(N, d)`` ``inputs`` to the norm :math:`\sqrt{d}`."""
+        r"""Scale each example of ``(N, d)`` ``inputs`` to the norm :math:`\sqrt{d}`."""
         norm = ops.sqrt(ops.sum(ops.square(inputs), axis=-1, keepdims=True))
         return inputs / ops.maximum(norm, 1e-12) * math.sqrt(inputs.shape[-1])
 
@@ -98,14 +98,14 @@ class FeatureNormalization(keras.layers.Layer):
         return tuple(input_shape)
 
 
-@keras.saving.register_keras_serializable(package="hbn_federation")
+@keras.saving.register_keras_serializable(package="hbn")
 class FreezableBatchNormalization(keras.layers.BatchNormalization):
     """``keras.layers.BatchNormalization`` whose statistics can be frozen while it trains.
 
     With ``frozen_statistics`` (False at first) the layer normalises with its moving statistics
     and leaves them unchanged, as in inference, even in training; gamma and beta still get
     gradients. (``trainable=False`` would freeze them too.) A compiled train step reads the
-    flag when it is traced: rebuild it after a change.
+    flag when it is traced: each value needs its own.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -258,7 +258,7 @@ class KerasModel:
     """A reference model in Keras 3 (in the spec's dtype), driven by the federation.
 
     HBN layers are :class:`backends.keras.HybridBatchNormalization`; BatchNorm is
-    ``keras.layers.BatchNormalization`` with momentum 0.9 (torch's 0.1); ``"gn"`` and ``"ln"``
+    :class:`FreezableBatchNormalization` with momentum 0.9 (torch's 0.1); ``"gn"`` and ``"ln"``
     are ``keras.layers.GroupNormalization`` with 2 and 1 groups. All use ``spec.eps``, not
     Keras' default 1e-3. Initial kernels are LeCun-normal (truncated), as Flax initialises them
     (Keras' default, Glorot-uniform, trained the GroupNorm Simple-CNN less reliably), seeded per
@@ -276,6 +276,8 @@ class KerasModel:
         self._batchnorms = [
             layer for layer in self.network.layers if isinstance(layer, FreezableBatchNormalization)
         ]
+        # The compiled train step of the other value of the BatchNorm layers' flag, once built.
+        self._other_train_function: Any = None
         self._optimizer = _TorchSGD(spec.dtype)
         self.network.compile(
             optimizer=self._optimizer,
@@ -317,29 +319,39 @@ class KerasModel:
     ) -> TrainResult:
         """SGD on ``batches`` with a fresh optimiser, as :class:`SGDConfig` says.
 
-        ``freeze_statistics`` freezes the BatchNorm layers' statistics
+        ``freeze_statistics`` freezes the BatchNorm layers' statistics for this call
         (:class:`FreezableBatchNormalization`): they normalise with their moving statistics and
         leave them unchanged; gamma and beta still train.
         """
-        self._freeze_statistics(freeze_statistics)
         self._optimizer.reset(sgd)
         loss_sum, examples, steps = 0.0, 0, 0
-        for images, labels in batches:
-            loss = self.network.train_on_batch(
-                np.asarray(images, self.spec.dtype), np.asarray(labels, np.int64)
-            )
-            loss_sum += float(loss) * len(labels)
-            examples += len(labels)
-            steps += 1
+        self._freeze_statistics(freeze_statistics)
+        try:
+            for images, labels in batches:
+                loss = self.network.train_on_batch(
+                    np.asarray(images, self.spec.dtype), np.asarray(labels, np.int64)
+                )
+                loss_sum += float(loss) * len(labels)
+                examples += len(labels)
+                steps += 1
+        finally:
+            self._freeze_statistics(False)
         return TrainResult(loss_sum, examples, steps)
 
     def _freeze_statistics(self, frozen: bool) -> None:
-        """Set the BatchNorm layers' flag; on a change, rebuild the train step that reads it."""
-        if all(layer.frozen_statistics == frozen for layer in self._batchnorms):
+        """Set the BatchNorm layers' flag, and swap in the train step compiled for its value.
+
+        Keras builds a missing train step (None) on the next ``train_on_batch``.
+        """
+        if not self._batchnorms or self._batchnorms[0].frozen_statistics == frozen:
             return
         for layer in self._batchnorms:
             layer.frozen_statistics = frozen
-        self.network.make_train_function(force=True)
+        network = self.network
+        network.train_function, self._other_train_function = (
+            self._other_train_function,
+            network.train_function,
+        )
 
     def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
         """Summed cross-entropy and correct predictions in inference mode."""
