@@ -31,7 +31,8 @@ from federation.simulation import Simulation
 JOB: dict[str, Any] = {
     "rounds": 5,
     "data": {"name": "digits", "num_clients": 10},
-    "model": {"architecture": "simple-cnn", "norm": "hbn"},
+    "method": "hbn",
+    "model": {"architecture": "simple-cnn"},
     "clients": {"frameworks": {"torch": 10}, "fraction": 1.0},
 }
 CPUS = os.cpu_count() or 1
