@@ -34,6 +34,7 @@ JOB: dict[str, Any] = {
     "method": "hbn",
     "model": {"architecture": "simple-cnn"},
     "clients": {"frameworks": {"torch": 10}, "fraction": 1.0},
+    "eval": {"statistics": "ema"},  # what Flower runs
 }
 CPUS = os.cpu_count() or 1
 STEPS = ("statistics", "training", "evaluation")

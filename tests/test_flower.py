@@ -68,6 +68,7 @@ def small_config(**sections: object) -> object:
         "model": {"architecture": "mlp", "hidden": 16},
         "train": {"batch_size": 32},
         "clients": {"min_clients": 2},
+        "eval": {"statistics": "ema"},
     }
     for name, values in sections.items():
         table[name] = {**table.get(name, {}), **values} if isinstance(values, dict) else values
@@ -205,6 +206,7 @@ MIXED = {
     "model": {"architecture": "simple-cnn"},
     "clients": {"frameworks": {"torch": 3, "jax": 3}, "min_clients": 2},
     "train": {"batch_size": 32, "drop_last": True},
+    "eval": {"statistics": "ema"},
 }
 
 

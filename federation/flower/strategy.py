@@ -367,7 +367,7 @@ def _check_supported(config: Config) -> None:
     if config.eval.statistics != "ema":
         msg = (
             "`eval.statistics` must be 'ema' on Flower (nodes evaluate the global model as "
-            f"sent); got {config.eval.statistics!r}."
+            f"sent): set it in the configuration; got {config.eval.statistics!r}."
         )
         raise ConfigError(msg)
 
