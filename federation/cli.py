@@ -159,6 +159,7 @@ def _repro(arguments: argparse.Namespace, console: Console, argv: Sequence[str] 
     out = pathlib.Path(arguments.out)
     tuning_runs = len(plan(profile))
     grid_runs = len(profile.methods) * len(profile.settings) * len(profile.seeds)
+    ablation_runs = len(profile.ablations) * len(profile.seeds)
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(bar_width=24),
@@ -167,7 +168,7 @@ def _repro(arguments: argparse.Namespace, console: Console, argv: Sequence[str] 
         TextColumn("{task.fields[last]}"),
         console=console,
     )
-    task = progress.add_task("repro runs", total=tuning_runs + grid_runs, last="")
+    task = progress.add_task("repro runs", total=tuning_runs + grid_runs + ablation_runs, last="")
     done = len(list((out / "runs").glob("*.json"))) if (out / "runs").exists() else 0
     progress.update(task, completed=done)
 
@@ -178,14 +179,14 @@ def _repro(arguments: argparse.Namespace, console: Console, argv: Sequence[str] 
 
     try:
         with progress:
-            tuning, grid = run_profile(profile, out, workers=arguments.workers, on_done=on_done)
+            phases = run_profile(profile, out, workers=arguments.workers, on_done=on_done)
     except (FileNotFoundError, ImportError) as error:
         console.print(f"[red]cannot start:[/red] {error}")
         return 2
     if arguments.report:
         report = pathlib.Path(arguments.report)
         command = "hbn-fed " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_report(profile, tuning, grid, report, report.with_suffix(".png"), command=command)
+        write_report(profile, *phases, report, report.with_suffix(".png"), command=command)
         console.print(f"report: {report}, plot: {report.with_suffix('.png')}")
     return 0
 

@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import tempfile
 import time
 from typing import TYPE_CHECKING, Any
@@ -84,6 +85,8 @@ class Profile:
     tune_seed: int
     tune_split: tuple[str, float]
     eval_every: int
+    ablation_setting: Setting
+    ablations: dict[str, tuple[str, ...]]
     methods: tuple[str, ...] = METHODS
 
 
@@ -92,6 +95,16 @@ def _settings(
 ) -> tuple[Setting, ...]:
     return tuple(Setting(p, b, size) for size in batch_sizes for p, b in splits)
 
+
+# HBN's protocol options, each changed alone from the `hbn` defaults (paper-spec §9).
+HBN_ABLATIONS: dict[str, tuple[str, ...]] = {
+    "hybrid statistics mode": ("statistics.mode=hybrid",),
+    "statistics momentum 1": ("statistics.momentum=1.0",),
+    "shared (averaged) alpha": ("alpha.policy=averaged",),
+    "ema evaluation statistics": ("eval.statistics=ema",),
+    "statistics momentum 0.002 (authors, D6)": ("statistics.momentum=0.002",),
+    "hybrid recorded statistics (authors, D2)": ("statistics.recorded=hybrid",),
+}
 
 PROFILES: dict[str, Profile] = {
     # Fashion-MNIST, 100 clients, 10% per round: about 2 hours with 2 workers on 2 cores.
@@ -108,6 +121,8 @@ PROFILES: dict[str, Profile] = {
         tune_seed=100,
         tune_split=("dirichlet", 0.6),
         eval_every=5,
+        ablation_setting=Setting("dirichlet", 0.6, 4),
+        ablations=HBN_ABLATIONS,
     ),
     # A smoke test for CI: digits, every method, one seed, a few rounds.
     "quick": Profile(
@@ -123,13 +138,18 @@ PROFILES: dict[str, Profile] = {
         tune_seed=100,
         tune_split=("dirichlet", 0.6),
         eval_every=1,
+        ablation_setting=Setting("dirichlet", 0.6, 16),
+        ablations={"momentum 1": ("statistics.momentum=1.0",)},
     ),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One federation of the grid (``phase = "grid"``) or of the lr tuning (``"tune"``)."""
+    """One federation of the lr tuning (``phase = "tune"``), the grid or an ablation of HBN.
+
+    An ablation run (``variant`` named) applies ``overrides`` to the method's configuration.
+    """
 
     phase: str
     method: str
@@ -137,6 +157,8 @@ class Run:
     seed: int
     lr: float
     rounds: int
+    variant: str = ""
+    overrides: tuple[str, ...] = ()
 
     @property
     def run_id(self) -> str:
@@ -145,6 +167,7 @@ class Run:
         return (
             f"{self.phase}-{self.method}-{s.partition}{s.beta:g}-b{s.batch_size}"
             f"-lr{self.lr:g}-seed{self.seed}"
+            + (f"-{re.sub(r'[^a-z0-9.]+', '_', self.variant.lower())}" if self.variant else "")
         )
 
     def config(self, profile: Profile) -> Config:
@@ -166,7 +189,7 @@ class Run:
             "train": {"batch_size": setting.batch_size, "lr": self.lr},
             "eval": self._evaluation(profile),
         }
-        return parse_config(table)
+        return parse_config(table, self.overrides)
 
     def _evaluation(self, profile: Profile) -> dict[str, Any]:
         """Grid runs: every ``eval_every`` rounds and each of the last 10; tuning: the last 3."""
@@ -200,6 +223,17 @@ def plan(profile: Profile, tuned_lr: dict[tuple[str, int], float] | None = None)
         for seed in profile.seeds
         for s in profile.settings
         for m in profile.methods
+    ]
+
+
+def plan_ablation(profile: Profile, tuned_lr: dict[tuple[str, int], float]) -> list[Run]:
+    """``hbn`` with each of the profile's ablations, on its ablation setting, for every seed."""
+    setting = profile.ablation_setting
+    lr = tuned_lr["hbn", setting.batch_size]
+    return [
+        Run("ablation", "hbn", setting, seed, lr, profile.rounds, variant, overrides)
+        for seed in profile.seeds
+        for variant, overrides in profile.ablations.items()
     ]
 
 
@@ -237,7 +271,8 @@ def execute(run: Run, profile: Profile, out_dir: pathlib.Path) -> dict[str, Any]
         "seconds": time.perf_counter() - start,
     }
     _write_json(out_dir / "runs" / f"{run.run_id}.json", result)
-    return result
+    as_stored: dict[str, Any] = json.loads(json.dumps(result))  # tuples become lists
+    return as_stored
 
 
 def _write_json(path: pathlib.Path, document: dict[str, Any]) -> None:
@@ -307,15 +342,16 @@ def run_profile(
     *,
     workers: int = 1,
     on_done: Callable[[Run, dict[str, Any]], None] | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run (or resume) ``profile``'s tuning and grid; return both phases' results.
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run (or resume) ``profile``'s tuning, grid and ablations; return each phase's results.
 
     ``on_done(run, result)`` is called as each run that was not stored yet ends.
     """
     tuning = _execute_all(plan(profile), profile, out_dir, workers, on_done)
-    grid_runs = plan(profile, tuned_lrs(tuning))
-    grid = _execute_all(grid_runs, profile, out_dir, workers, on_done)
-    return tuning, grid
+    lrs = tuned_lrs(tuning)
+    grid = _execute_all(plan(profile, lrs), profile, out_dir, workers, on_done)
+    ablation = _execute_all(plan_ablation(profile, lrs), profile, out_dir, workers, on_done)
+    return tuning, grid, ablation
 
 
 # -- the report -----------------------------------------------------------------------------
@@ -370,6 +406,7 @@ def write_report(
     profile: Profile,
     tuning: list[dict[str, Any]],
     grid: list[dict[str, Any]],
+    ablation: list[dict[str, Any]],
     markdown: pathlib.Path,
     figure: pathlib.Path,
     *,
@@ -388,6 +425,7 @@ def write_report(
         *_main_tables(profile, grid),
         *_verdict_lines(profile, grid),
         *_personal_lines(profile, grid),
+        *_ablation_lines(profile, grid, ablation),
         *_tuning_lines(profile, tuning),
     ]
     markdown.write_text("\n".join(lines) + "\n")
@@ -486,6 +524,43 @@ def _personal_lines(profile: Profile, grid: list[dict[str, Any]]) -> list[str]:
             values = cells.get((method, setting), {})
             row.append(_format(*seed_interval(list(values.values()))) if values else "-")
         lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
+
+
+def _ablation_lines(
+    profile: Profile, grid: list[dict[str, Any]], ablation: list[dict[str, Any]]
+) -> list[str]:
+    setting = profile.ablation_setting
+    baseline = _by_cell(grid).get(("hbn", setting), {})
+    by_variant: dict[str, dict[int, float]] = {}
+    for result in ablation:
+        run = result["run"]
+        value = result["summary"]["last10_mean_accuracy"]
+        by_variant.setdefault(run["variant"], {})[run["seed"]] = value
+    lines = [
+        "## HBN's protocol options",
+        "",
+        f"`hbn` on {setting.label} with one option changed from its defaults (`statistics.mode ="
+        ' "global"`, `statistics.momentum = 0.1`, personal alpha, `eval.statistics = "sync"`).'
+        " Accuracy (%), and the paired difference from `hbn` itself:",
+        "",
+        "| variant | overrides | accuracy | difference from `hbn` |",
+        "|---|---|---|---|",
+        f"| `hbn` (defaults) | | {_format(*seed_interval(list(baseline.values())))} | |"
+        if baseline
+        else "| `hbn` (defaults) | | - | |",
+    ]
+    for variant, overrides in profile.ablations.items():
+        values = by_variant.get(variant, {})
+        if not values:
+            continue
+        accuracy = _format(*seed_interval(list(values.values())))
+        difference = "-"
+        if baseline.keys() & values.keys():
+            outcome, mean, half = verdict(values, baseline)
+            difference = f"{_format(mean, half)} ({outcome})"
+        options = ", ".join(f"`{o}`" for o in overrides)
+        lines.append(f"| {variant} | {options} | {accuracy} | {difference} |")
     return [*lines, ""]
 
 

@@ -7,7 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from federation.repro import PROFILES, plan, run_profile, seed_interval, verdict, write_report
+from federation.repro import (
+    PROFILES,
+    plan,
+    plan_ablation,
+    run_profile,
+    seed_interval,
+    verdict,
+    write_report,
+)
 
 pytest.importorskip("torch")
 
@@ -20,12 +28,12 @@ QUICK = PROFILES["quick"]
 def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("repro")
     finished = []
-    tuning, grid = run_profile(QUICK, out, workers=2, on_done=lambda run, _: finished.append(run))
-    return out, tuning, grid, finished
+    phases = run_profile(QUICK, out, workers=2, on_done=lambda run, _: finished.append(run))
+    return out, phases, finished
 
 
 def test_every_method_runs_and_beats_chance(quick_results):
-    _, _, grid, _ = quick_results
+    _, (_, grid, _), _ = quick_results
     chance = 1 / 10
     accuracy = {r["run"]["method"]: r["summary"]["last10_mean_accuracy"] for r in grid}
     assert sorted(accuracy) == sorted(QUICK.methods)
@@ -34,23 +42,33 @@ def test_every_method_runs_and_beats_chance(quick_results):
 
 
 def test_each_run_is_stored_once_and_a_second_call_resumes_without_rerunning(quick_results):
-    out, tuning, grid, finished = quick_results
-    assert len(finished) == len(tuning) + len(grid) == len(list((out / "runs").glob("*.json")))
+    out, phases, finished = quick_results
+    stored = len(list((out / "runs").glob("*.json")))
+    assert len(finished) == sum(len(phase) for phase in phases) == stored
     again = []
     resumed = run_profile(QUICK, out, workers=1, on_done=lambda run, _: again.append(run))
     assert again == []
-    assert resumed == (tuning, grid)
+    assert resumed == phases
 
 
 def test_the_report_has_every_method_and_a_plot(quick_results, tmp_path):
-    _, tuning, grid, _ = quick_results
+    _, phases, _ = quick_results
     markdown, figure = tmp_path / "results.md", tmp_path / "results.png"
-    write_report(QUICK, tuning, grid, markdown, figure, command="hbn-fed repro --profile quick")
+    write_report(QUICK, *phases, markdown, figure, command="hbn-fed repro --profile quick")
     text = markdown.read_text()
     for method in QUICK.methods:
         assert f"| `{method}` |" in text
     assert "`fedbn` (personalised)" in text
+    assert "| momentum 1 | `statistics.momentum=1.0` |" in text
     assert figure.read_bytes().startswith(b"\x89PNG")
+
+
+def test_ablation_runs_apply_their_overrides_to_hbn():
+    runs = plan_ablation(QUICK, {("hbn", 16): 0.03})
+    assert [(r.method, r.lr, r.variant) for r in runs] == [("hbn", 0.03, "momentum 1")]
+    config = runs[0].config(QUICK)
+    assert config.statistics.momentum == 1.0
+    assert runs[0].run_id.endswith("-momentum_1")
 
 
 def test_runs_are_planned_seed_by_seed_with_the_tuned_lr():
