@@ -90,7 +90,8 @@ def test_pooled_statistics_equal_central_statistics_for_any_split(owners, batch_
 
 
 def test_a_round_sets_the_global_statistics_of_the_union_of_client_data():
-    simulation = Simulation(small_config(), dataset=DATA)
+    # Momentum 1: the global statistics are the round's pool itself.
+    simulation = Simulation(small_config(statistics={"momentum": 1.0}), dataset=DATA)
     central = central_statistics(
         simulation, np.concatenate([c.indices for c in simulation.clients])
     )
