@@ -239,7 +239,7 @@ def test_a_flower_simulation_of_torch_and_flax_nodes_equals_the_embedded_simulat
 @pytest.mark.usefixtures("flower_environment")
 def test_fedadam_never_touches_the_statistics():
     """Pooled statistics are exact and variances positive with a server optimiser as base."""
-    config = small_config(rounds=3)
+    config = small_config(rounds=3, statistics={"momentum": 1.0})  # the pool itself
     layout = _layout(config)
     strategy = HBNFedAdam(config=config, layout=layout, eta=0.5)
     simulate(config, strategy, num_nodes=4)
