@@ -69,6 +69,8 @@ def small_config(**sections: object) -> object:
         "train": {"batch_size": 32},
         "clients": {"min_clients": 2},
         "eval": {"statistics": "ema"},
+        # A round's global statistics are then its pool, comparable with central statistics.
+        "statistics": {"momentum": 1.0},
     }
     for name, values in sections.items():
         table[name] = {**table.get(name, {}), **values} if isinstance(values, dict) else values
@@ -239,7 +241,7 @@ def test_a_flower_simulation_of_torch_and_flax_nodes_equals_the_embedded_simulat
 @pytest.mark.usefixtures("flower_environment")
 def test_fedadam_never_touches_the_statistics():
     """Pooled statistics are exact and variances positive with a server optimiser as base."""
-    config = small_config(rounds=3, statistics={"momentum": 1.0})  # the pool itself
+    config = small_config(rounds=3)
     layout = _layout(config)
     strategy = HBNFedAdam(config=config, layout=layout, eta=0.5)
     simulate(config, strategy, num_nodes=4)
