@@ -223,12 +223,15 @@ def plan(profile: Profile, tuned_lr: dict[tuple[str, int], float] | None = None)
         for seed in profile.seeds
         for s in profile.settings
         for m in profile.methods
+        if (m, s.batch_size) in tuned_lr
     ]
 
 
 def plan_ablation(profile: Profile, tuned_lr: dict[tuple[str, int], float]) -> list[Run]:
     """``hbn`` with each of the profile's ablations, on its ablation setting, for every seed."""
     setting = profile.ablation_setting
+    if ("hbn", setting.batch_size) not in tuned_lr:
+        return []
     lr = tuned_lr["hbn", setting.batch_size]
     return [
         Run("ablation", "hbn", setting, seed, lr, profile.rounds, variant, overrides)
@@ -297,6 +300,7 @@ def _execute_all(
     workers: int,
     on_done: Callable[[Run, dict[str, Any]], None] | None,
 ) -> list[dict[str, Any]]:
+    """Each run's result: stored, or run now (with ``workers = 0``, missing runs are left out)."""
     results: dict[Run, dict[str, Any]] = {}
     pending = []
     for run in runs:
@@ -305,6 +309,8 @@ def _execute_all(
             pending.append(run)
         else:
             results[run] = stored
+    if not workers:
+        return [results[run] for run in runs if run in results]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=context, initializer=_one_thread
@@ -343,14 +349,16 @@ def run_profile(
     workers: int = 1,
     on_done: Callable[[Run, dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run (or resume) ``profile``'s tuning, grid and ablations; return each phase's results.
+    """Run (or resume) ``profile``'s tuning, ablations and grid; return tuning, grid, ablations.
 
-    ``on_done(run, result)`` is called as each run that was not stored yet ends.
+    ``on_done(run, result)`` is called as each run that was not stored yet ends. With
+    ``workers = 0`` nothing runs: the results are those stored so far (for a report of an
+    unfinished grid).
     """
     tuning = _execute_all(plan(profile), profile, out_dir, workers, on_done)
     lrs = tuned_lrs(tuning)
-    grid = _execute_all(plan(profile, lrs), profile, out_dir, workers, on_done)
     ablation = _execute_all(plan_ablation(profile, lrs), profile, out_dir, workers, on_done)
+    grid = _execute_all(plan(profile, lrs), profile, out_dir, workers, on_done)
     return tuning, grid, ablation
 
 
