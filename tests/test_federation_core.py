@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 from federation import aggregate, data
 from federation.aggregate import StatisticsReport
-from federation.cli import main
+from federation.cli import _demo_table, main
 from federation.config import ConfigError, StatisticsConfig, parse_config
 from federation.layout import (
     Kind,
@@ -319,6 +319,12 @@ def test_fixbn_freezes_statistics_from_its_switch_round():
     config = parse_config({"method": "fixbn", "rounds": 10, "fixbn": {"switch_fraction": 0.3}})
     assert [config.freezes_statistics(r) for r in range(10)] == [False] * 3 + [True] * 7
     assert not parse_config({"method": "bn", "rounds": 10}).freezes_statistics(9)
+
+
+def test_the_demo_configuration_is_valid():
+    config = parse_config(_demo_table())
+    assert config.method == "hbn"
+    assert sorted(set(config.client_frameworks)) == ["jax", "keras", "torch"]
 
 
 def test_overrides_are_toml_values_and_bare_words():
