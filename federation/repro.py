@@ -101,7 +101,7 @@ HBN_ABLATIONS: dict[str, tuple[str, ...]] = {
     "hybrid statistics mode": ("statistics.mode=hybrid",),
     "statistics momentum 1": ("statistics.momentum=1.0",),
     "shared (averaged) alpha": ("alpha.policy=averaged",),
-    "ema evaluation statistics": ("eval.statistics=ema",),
+    "sync evaluation statistics (authors, D7)": ("eval.statistics=sync",),
     "statistics momentum 0.002 (authors, D6)": ("statistics.momentum=0.002",),
     "hybrid recorded statistics (authors, D2)": ("statistics.recorded=hybrid",),
 }
@@ -549,7 +549,7 @@ def _ablation_lines(
         "## HBN's protocol options",
         "",
         f"`hbn` on {setting.label} with one option changed from its defaults (`statistics.mode ="
-        ' "global"`, `statistics.momentum = 0.1`, personal alpha, `eval.statistics = "sync"`).'
+        ' "global"`, `statistics.momentum = 0.1`, personal alpha, `eval.statistics = "ema"`).'
         " Accuracy (%), and the paired difference from `hbn` itself:",
         "",
         "| variant | overrides | accuracy | difference from `hbn` |",
