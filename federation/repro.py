@@ -541,38 +541,50 @@ def _personal_lines(profile: Profile, grid: list[dict[str, Any]]) -> list[str]:
 def _ablation_lines(
     profile: Profile, grid: list[dict[str, Any]], ablation: list[dict[str, Any]]
 ) -> list[str]:
+    """Each variant's accuracy and paired differences from ``hbn`` and its reference row.
+
+    A variant's reference row is the one whose overrides it extends by one.
+    """
     setting = profile.ablation_setting
     baseline = _by_cell(grid).get(("hbn", setting), {})
-    by_variant: dict[str, dict[int, float]] = {}
+    by_overrides: dict[tuple[str, ...], dict[int, float]] = {(): baseline}
     for result in ablation:
         run = result["run"]
         value = result["summary"]["last10_mean_accuracy"]
-        by_variant.setdefault(run["variant"], {})[run["seed"]] = value
+        by_overrides.setdefault(tuple(run["overrides"]), {})[run["seed"]] = value
     lines = [
         "## HBN's protocol options",
         "",
-        f"`hbn` on {setting.label} with one option changed from its defaults (`statistics.mode ="
-        ' "global"`, `statistics.momentum = 0.1`, personal alpha, `eval.statistics = "ema"`).'
-        " Accuracy (%), and the paired difference from `hbn` itself:",
+        f'`hbn` on {setting.label}: its defaults (`statistics.mode = "global"`, '
+        '`statistics.momentum = 0.1`, personal alpha, `eval.statistics = "ema"`), then options'
+        " changed. Accuracy (%), and paired differences (points) from `hbn` and from the row"
+        " whose options it extends by one:",
         "",
-        "| variant | overrides | accuracy | difference from `hbn` |",
-        "|---|---|---|---|",
-        f"| `hbn` (defaults) | | {_format(*seed_interval(list(baseline.values())))} | |"
-        if baseline
-        else "| `hbn` (defaults) | | - | |",
+        "| variant | options | accuracy | vs `hbn` | vs reference row |",
+        "|---|---|---|---|---|",
     ]
-    for variant, overrides in profile.ablations.items():
-        values = by_variant.get(variant, {})
+    variants = {"`hbn` (defaults)": (), **profile.ablations}
+    for variant, overrides in variants.items():
+        values = by_overrides.get(tuple(overrides), {})
         if not values:
             continue
-        accuracy = _format(*seed_interval(list(values.values())))
-        difference = "-"
-        if baseline.keys() & values.keys():
-            outcome, mean, half = verdict(values, baseline)
-            difference = f"{_format(mean, half)} ({outcome})"
+        reference = by_overrides.get(tuple(overrides[:-1]), {}) if len(overrides) > 1 else {}
+        cells = [
+            _difference(values, baseline) if overrides else "",
+            _difference(values, reference) if len(overrides) > 1 else "",
+        ]
         options = ", ".join(f"`{o}`" for o in overrides)
-        lines.append(f"| {variant} | {options} | {accuracy} | {difference} |")
+        accuracy = _format(*seed_interval(list(values.values())))
+        lines.append(f"| {variant} | {options} | {accuracy} | {cells[0]} | {cells[1]} |")
     return [*lines, ""]
+
+
+def _difference(values: dict[int, float], reference: dict[int, float]) -> str:
+    """The paired difference with its verdict, or ``-`` without common seeds."""
+    if not values.keys() & reference.keys():
+        return "-"
+    outcome, mean, half = verdict(values, reference)
+    return f"{_format(mean, half)} ({outcome})"
 
 
 def _tuning_lines(profile: Profile, tuning: list[dict[str, Any]]) -> list[str]:
