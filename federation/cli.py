@@ -25,7 +25,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from federation.config import ConfigError, load_config, parse_config
-from federation.repro import PROFILES, plan, run_profile, write_report
+from federation.repro import (
+    PROFILES,
+    export_runs,
+    import_runs,
+    plan,
+    run_profile,
+    write_report,
+)
 from federation.runner import run
 from federation.simulation import RoundFailedError
 
@@ -63,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     repro.add_argument(
         "--report", default="", help="the Markdown report; the plot is written beside it as .png"
+    )
+    repro.add_argument(
+        "--import-runs", default="", metavar="FILE", help="store a JSON-lines file's runs first"
+    )
+    repro.add_argument(
+        "--export-runs", default="", metavar="FILE", help="write every run as JSON lines at the end"
     )
     for command, default_out in ((run_command, "hbn-run"), (demo, DEMO_OUT)):
         command.add_argument(
@@ -162,6 +175,13 @@ def _repro(arguments: argparse.Namespace, console: Console, argv: Sequence[str] 
         return 2
     profile = PROFILES[arguments.profile]
     out = pathlib.Path(arguments.out)
+    if arguments.import_runs:
+        try:
+            added = import_runs(pathlib.Path(arguments.import_runs), out)
+        except (OSError, ValueError) as error:
+            console.print(f"[red]cannot import runs:[/red] {error}")
+            return 2
+        console.print(f"{added} runs imported from {arguments.import_runs}")
     tuning_runs = len(plan(profile))
     grid_runs = len(profile.methods) * len(profile.settings) * len(profile.seeds)
     ablation_runs = len(profile.ablations) * len(profile.seeds)
@@ -193,6 +213,9 @@ def _repro(arguments: argparse.Namespace, console: Console, argv: Sequence[str] 
         command = "hbn-fed " + " ".join(sys.argv[1:] if argv is None else argv)
         write_report(profile, *phases, report, report.with_suffix(".png"), command=command)
         console.print(f"report: {report}, plot: {report.with_suffix('.png')}")
+    if arguments.export_runs:
+        export_runs([run for phase in phases for run in phase], pathlib.Path(arguments.export_runs))
+        console.print(f"runs: {arguments.export_runs}")
     return 0
 
 

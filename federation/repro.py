@@ -46,7 +46,18 @@ if TYPE_CHECKING:
     from federation.config import Config
     from federation.data import Dataset
 
-__all__ = ["PROFILES", "Profile", "Run", "Setting", "plan", "run_profile", "write_report"]
+__all__ = [
+    "PROFILES",
+    "Profile",
+    "Run",
+    "Setting",
+    "export_runs",
+    "import_runs",
+    "plan",
+    "plan_ablation",
+    "run_profile",
+    "write_report",
+]
 
 # Methods in report order: ours first, then the baselines of paper-spec §6.
 # A tuning run's score: its mean accuracy over this many last rounds.
@@ -286,6 +297,41 @@ def _write_json(path: pathlib.Path, document: dict[str, Any]) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as file:
         json.dump(document, file)
     os.replace(file.name, path)
+
+
+def export_runs(results: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
+    """Write ``results`` to ``path`` as JSON lines, one run per line, in run-id order."""
+    lines = sorted(json.dumps(result, sort_keys=True) for result in results)
+    path.write_text("".join(f"{line}\n" for line in lines))
+
+
+def import_runs(path: pathlib.Path, out_dir: pathlib.Path) -> int:
+    """Store the runs of a JSON-lines file (see :func:`export_runs`) in ``out_dir``.
+
+    A grid then resumes from them. Runs already stored are left as they are. Returns the
+    number of runs added.
+
+    Raises
+    ------
+    ValueError
+        If a line is not a stored run; the message gives its line number.
+    """
+    added = 0
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            result = json.loads(line)
+            fields = dict(result["run"])
+            fields["setting"] = Setting(**fields["setting"])
+            fields["overrides"] = tuple(fields["overrides"])
+            run = Run(**fields)
+        except (ValueError, KeyError, TypeError) as error:
+            msg = f"line {number} of {path} is not a stored run: {error}."
+            raise ValueError(msg) from error
+        target = out_dir / "runs" / f"{run.run_id}.json"
+        if not target.exists():
+            _write_json(target, result)
+            added += 1
+    return added
 
 
 def _stored(run: Run, out_dir: pathlib.Path) -> dict[str, Any] | None:

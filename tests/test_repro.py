@@ -9,6 +9,8 @@ import pytest
 
 from federation.repro import (
     PROFILES,
+    export_runs,
+    import_runs,
     plan,
     plan_ablation,
     run_profile,
@@ -49,6 +51,25 @@ def test_each_run_is_stored_once_and_a_second_call_resumes_without_rerunning(qui
     resumed = run_profile(QUICK, out, workers=1, on_done=lambda run, _: again.append(run))
     assert again == []
     assert resumed == phases
+
+
+def test_exported_runs_import_into_a_fresh_folder_and_resume_there(quick_results, tmp_path):
+    _, phases, _ = quick_results
+    exported = tmp_path / "runs.jsonl"
+    export_runs([run for phase in phases for run in phase], exported)
+    fresh = tmp_path / "fresh"
+    assert import_runs(exported, fresh) == sum(len(phase) for phase in phases)
+    assert import_runs(exported, fresh) == 0
+    again = []
+    assert run_profile(QUICK, fresh, workers=1, on_done=lambda run, _: again.append(run)) == phases
+    assert again == []
+
+
+def test_a_corrupt_export_is_refused_with_its_line(tmp_path):
+    exported = tmp_path / "runs.jsonl"
+    exported.write_text('{"run": {"phase": "grid"}}\n')
+    with pytest.raises(ValueError, match=r"line 1 of .* is not a stored run"):
+        import_runs(exported, tmp_path / "out")
 
 
 def test_the_report_has_every_method_and_a_plot(quick_results, tmp_path):
