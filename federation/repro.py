@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import importlib
 import json
 import multiprocessing
 import os
@@ -263,11 +264,9 @@ def _dataset(name: str, seed: int) -> Dataset:
 
 
 def _one_thread() -> None:
-    """Worker initializer: one intra-op thread per process."""
+    """Worker initializer: one intra-op thread per process (torch is the grid's framework)."""
     os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
-    torch.set_num_threads(1)
+    importlib.import_module("torch").set_num_threads(1)
 
 
 def execute(run: Run, profile: Profile, out_dir: pathlib.Path) -> dict[str, Any]:
