@@ -490,6 +490,7 @@ def write_report(
 
 def _setup_lines(profile: Profile, grid: list[dict[str, Any]], command: str) -> list[str]:
     seconds = sum(r["seconds"] for r in grid)
+    planned = len(profile.methods) * len(profile.settings) * len(profile.seeds)
     return [
         "## Set-up",
         "",
@@ -502,7 +503,9 @@ def _setup_lines(profile: Profile, grid: list[dict[str, Any]], command: str) -> 
         f"seeds {list(profile.seeds)}.",
         "- Metric: mean test accuracy (%) of the last 10 rounds, mean ± 95% CI over seeds"
         " (t-interval). **Bold**: the best mean of a column.",
-        f"- Grid compute: {seconds / 3600:.2f} h over {len(grid)} runs (sum of run times).",
+        f"- Grid runs stored: {len(grid)} of {planned}"
+        + ("" if len(grid) == planned else " (**incomplete**: a cell without ± has one seed)")
+        + f"; compute {seconds / 3600:.2f} h (sum of run times).",
         "",
     ]
 
