@@ -29,7 +29,6 @@ from federation.repro import (
     PROFILES,
     export_runs,
     import_runs,
-    plan,
     run_profile,
     write_report,
 )
@@ -127,17 +126,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run_with_progress(config: Config, arguments: argparse.Namespace, console: Console) -> Result:
-    progress = Progress(
+def _progress(console: Console, *, bar_width: int) -> Progress:
+    """A progress display: description, bar, done/total, elapsed time and a status field."""
+    return Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(bar_width=16),
+        BarColumn(bar_width=bar_width),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TextColumn("{task.fields[metrics]}"),
+        TextColumn("{task.fields[status]}"),
         console=console,
     )
-    rounds = progress.add_task("rounds", total=config.rounds, metrics="")
-    steps = progress.add_task("clients", total=None, metrics="")
+
+
+def _run_with_progress(config: Config, arguments: argparse.Namespace, console: Console) -> Result:
+    progress = _progress(console, bar_width=16)
+    rounds = progress.add_task("rounds", total=config.rounds, status="")
+    steps = progress.add_task("clients", total=None, status="")
 
     def on_start(simulation: Simulation) -> None:
         progress.update(rounds, completed=simulation.rounds_done)
@@ -154,7 +158,7 @@ def _run_with_progress(config: Config, arguments: argparse.Namespace, console: C
         metrics = f"train loss {record.train_loss:.3f}"
         if record.accuracy is not None:
             metrics = f"acc {record.accuracy:.3f} loss {record.loss:.3f}"
-        progress.update(rounds, advance=1, metrics=metrics)
+        progress.update(rounds, advance=1, status=metrics)
         progress.update(steps, completed=0, visible=record.round < config.rounds)
 
     with progress:
@@ -182,25 +186,15 @@ def _repro(arguments: argparse.Namespace, console: Console, argv: Sequence[str] 
             console.print(f"[red]cannot import runs:[/red] {error}")
             return 2
         console.print(f"{added} runs imported from {arguments.import_runs}")
-    tuning_runs = len(plan(profile))
-    grid_runs = len(profile.methods) * len(profile.settings) * len(profile.seeds)
-    ablation_runs = len(profile.ablations) * len(profile.seeds)
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(bar_width=24),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[last]}"),
-        console=console,
-    )
-    task = progress.add_task("repro runs", total=tuning_runs + grid_runs + ablation_runs, last="")
+    progress = _progress(console, bar_width=24)
+    task = progress.add_task("repro runs", total=profile.run_count, status="")
     done = len(list((out / "runs").glob("*.json"))) if (out / "runs").exists() else 0
     progress.update(task, completed=done)
 
     def on_done(run: Run, result: dict[str, object]) -> None:
         summary = result["summary"]
         accuracy = summary["last10_mean_accuracy"] if isinstance(summary, dict) else None
-        progress.update(task, advance=1, last=f"{run.run_id}: {accuracy:.3f}")
+        progress.update(task, advance=1, status=f"{run.run_id}: {accuracy:.3f}")
 
     try:
         with progress:

@@ -101,6 +101,17 @@ class Profile:
     ablations: dict[str, tuple[str, ...]]
     methods: tuple[str, ...] = METHODS
 
+    @property
+    def grid_size(self) -> int:
+        """The grid's runs: methods x settings x seeds."""
+        return len(self.methods) * len(self.settings) * len(self.seeds)
+
+    @property
+    def run_count(self) -> int:
+        """Every run of the profile: lr tuning, ablations and grid."""
+        tuning = len(self.methods) * sum(len(lrs) for lrs in self.lr_grid.values())
+        return tuning + len(self.ablations) * len(self.seeds) + self.grid_size
+
 
 def _settings(
     splits: Sequence[tuple[str, float]], batch_sizes: Sequence[int]
@@ -490,7 +501,7 @@ def write_report(
 
 def _setup_lines(profile: Profile, grid: list[dict[str, Any]], command: str) -> list[str]:
     seconds = sum(r["seconds"] for r in grid)
-    planned = len(profile.methods) * len(profile.settings) * len(profile.seeds)
+    complete = len(grid) == profile.grid_size
     return [
         "## Set-up",
         "",
@@ -503,8 +514,8 @@ def _setup_lines(profile: Profile, grid: list[dict[str, Any]], command: str) -> 
         f"seeds {list(profile.seeds)}.",
         "- Metric: mean test accuracy (%) of the last 10 rounds, mean ± 95% CI over seeds"
         " (t-interval). **Bold**: the best mean of a column.",
-        f"- Grid runs stored: {len(grid)} of {planned}"
-        + ("" if len(grid) == planned else " (**incomplete**: a cell without ± has one seed)")
+        f"- Grid runs stored: {len(grid)} of {profile.grid_size}"
+        + ("" if complete else " (**incomplete**: a cell without ± has one seed)")
         + f"; compute {seconds / 3600:.2f} h (sum of run times).",
         "",
     ]

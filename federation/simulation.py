@@ -288,8 +288,7 @@ class Simulation:
         progress: Callable[[str, Client], None] | None,
     ) -> dict[int, Update]:
         """Every sampled client's checked update from local training on the global state."""
-        send_personal = self.sends_personal
-        sent_roles = (Role.SHARED, Role.PERSONAL) if send_personal else (Role.SHARED,)
+        sent_roles = (Role.SHARED, Role.PERSONAL) if self.sends_personal else (Role.SHARED,)
         sent_names = select(self.layout, *sent_roles)
         freeze_statistics = self.config.freezes_statistics(round_index)
 
@@ -300,7 +299,7 @@ class Simulation:
                 self.data,
                 self.config.train,
                 lr=lr,
-                send_personal=send_personal,
+                send_personal=self.sends_personal,
                 freeze_statistics=freeze_statistics,
                 rng=self._rng(Stream.TRAINING, round_index, client.client_id),
             )

@@ -84,7 +84,9 @@ class _Node:
         self.client = Client(self.client_id, framework, indices[self.client_id])
         if models is None:
             self.model, self.initial_personal = _reference_model(
-                framework, _spec(self.config, self.data), self.config.seed
+                framework,
+                self.config.model_spec(self.data.input_shape, self.data.num_classes),
+                self.config.seed,
             )
         else:
             self.model = models(framework)
@@ -239,10 +241,6 @@ def _partition_id(context: Context, config: Config) -> tuple[int, int]:
         msg = f"the node's `partition-id` must be in [0, {num_partitions}); got {partition_id!r}."
         raise ValueError(msg)
     return partition_id, num_partitions
-
-
-def _spec(config: Config, data: Dataset) -> ModelSpec:
-    return config.model_spec(data.input_shape, data.num_classes)
 
 
 @functools.cache

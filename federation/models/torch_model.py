@@ -28,7 +28,7 @@ from federation.models import (
 from hbn_core import Moments
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
 
 __all__ = ["TorchModel", "build"]
 
@@ -106,6 +106,12 @@ class TorchModel:
             torch.manual_seed(seed)
             self.network = _Network(spec).to(getattr(torch, spec.dtype))
 
+    def _batchnorms(self) -> Iterator[nn.modules.batchnorm._BatchNorm]:
+        """The network's BatchNorm layers (the ``bn`` baselines; HBN layers are not among them)."""
+        for module in self.network.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                yield module
+
     def _tensor(self, images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(images, self.spec.dtype))
 
@@ -117,9 +123,8 @@ class TorchModel:
     @torch.no_grad()
     def set_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Load every canonical tensor; reset the local counters (``num_batches_tracked``)."""
-        for module in self.network.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
+        for module in self._batchnorms():
+            module.reset_running_stats()
         own = self.network.state_dict()
         for name in self.layout:
             own[name].copy_(torch.from_numpy(np.asarray(state[name], self.spec.dtype)))
@@ -145,9 +150,8 @@ class TorchModel:
         """
         self.network.train()
         if freeze_statistics:
-            for module in self.network.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            for module in self._batchnorms():
+                module.eval()
         parameters = [p for p in self.network.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(
             parameters, lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay
