@@ -330,10 +330,7 @@ def import_runs(path: pathlib.Path, out_dir: pathlib.Path) -> int:
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         try:
             result = json.loads(line)
-            fields = dict(result["run"])
-            fields["setting"] = Setting(**fields["setting"])
-            fields["overrides"] = tuple(fields["overrides"])
-            run = Run(**fields)
+            run = _stored_run(result["run"])
         except (ValueError, KeyError, TypeError) as error:
             msg = f"line {number} of {path} is not a stored run: {error}."
             raise ValueError(msg) from error
@@ -342,6 +339,17 @@ def import_runs(path: pathlib.Path, out_dir: pathlib.Path) -> int:
             _write_json(target, result)
             added += 1
     return added
+
+
+def _stored_run(fields: dict[str, Any]) -> Run:
+    """The :class:`Run` a result file records; records older than ablations lack its defaults."""
+    return Run(
+        **{
+            **fields,
+            "setting": Setting(**fields["setting"]),
+            "overrides": tuple(fields.get("overrides", ())),
+        }
+    )
 
 
 def _stored(run: Run, out_dir: pathlib.Path) -> dict[str, Any] | None:

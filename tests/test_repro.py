@@ -65,6 +65,18 @@ def test_exported_runs_import_into_a_fresh_folder_and_resume_there(quick_results
     assert again == []
 
 
+def test_a_run_recorded_before_ablations_existed_imports_under_its_own_id(quick_results, tmp_path):
+    out, (_, grid, _), _ = quick_results
+    record = json.loads(json.dumps(grid[0]))
+    del record["run"]["variant"], record["run"]["overrides"]
+    exported = tmp_path / "runs.jsonl"
+    exported.write_text(json.dumps(record) + "\n")
+    fresh = tmp_path / "fresh"
+    assert import_runs(exported, fresh) == 1
+    (stored,) = (fresh / "runs").iterdir()
+    assert json.loads((out / "runs" / stored.name).read_text()) == grid[0]
+
+
 def test_a_corrupt_export_is_refused_with_its_line(tmp_path):
     exported = tmp_path / "runs.jsonl"
     exported.write_text('{"run": {"phase": "grid"}}\n')
