@@ -198,17 +198,19 @@ def _repro(arguments: argparse.Namespace, console: Console, argv: Sequence[str] 
 
     try:
         with progress:
-            phases = run_profile(profile, out, workers=arguments.workers, on_done=on_done)
+            results = run_profile(profile, out, workers=arguments.workers, on_done=on_done)
     except (FileNotFoundError, ImportError) as error:
         console.print(f"[red]cannot start:[/red] {error}")
         return 2
     if arguments.report:
         report = pathlib.Path(arguments.report)
         command = "hbn-fed " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_report(profile, *phases, report, report.with_suffix(".png"), command=command)
+        write_report(profile, results, report, report.with_suffix(".png"), command=command)
         console.print(f"report: {report}, plot: {report.with_suffix('.png')}")
     if arguments.export_runs:
-        export_runs([run for phase in phases for run in phase], pathlib.Path(arguments.export_runs))
+        export_runs(
+            [run for phase in results for run in phase], pathlib.Path(arguments.export_runs)
+        )
         console.print(f"runs: {arguments.export_runs}")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from federation.repro import (
     import_runs,
     plan,
     plan_ablation,
+    plan_candidates,
     run_profile,
     seed_interval,
     verdict,
@@ -35,7 +37,8 @@ def quick_results(tmp_path_factory):
 
 
 def test_every_method_runs_and_beats_chance(quick_results):
-    _, (_, grid, _), _ = quick_results
+    _, results, _ = quick_results
+    grid = results.grid
     chance = 1 / 10
     accuracy = {r["run"]["method"]: r["summary"]["last10_mean_accuracy"] for r in grid}
     assert sorted(accuracy) == sorted(QUICK.methods)
@@ -66,7 +69,8 @@ def test_exported_runs_import_into_a_fresh_folder_and_resume_there(quick_results
 
 
 def test_a_run_recorded_before_ablations_existed_imports_under_its_own_id(quick_results, tmp_path):
-    out, (_, grid, _), _ = quick_results
+    out, results, _ = quick_results
+    grid = results.grid
     record = json.loads(json.dumps(grid[0]))
     del record["run"]["variant"], record["run"]["overrides"]
     exported = tmp_path / "runs.jsonl"
@@ -87,12 +91,14 @@ def test_a_corrupt_export_is_refused_with_its_line(tmp_path):
 def test_the_report_has_every_method_and_a_plot(quick_results, tmp_path):
     _, phases, _ = quick_results
     markdown, figure = tmp_path / "results.md", tmp_path / "results.png"
-    write_report(QUICK, *phases, markdown, figure, command="hbn-fed repro --profile quick")
+    write_report(QUICK, phases, markdown, figure, command="hbn-fed repro --profile quick")
     text = markdown.read_text()
     for method in QUICK.methods:
         assert f"| `{method}` |" in text
     assert "`fedbn` (personalised)" in text
     assert "| momentum 1 | `statistics.momentum=1.0` |" in text
+    candidate = "| hybrid statistics mode (`statistics.mode=hybrid`) |"
+    assert all(f"{candidate} {row} |" in text for row in ("accuracy", "vs `hbn`"))
     assert figure.read_bytes().startswith(b"\x89PNG")
 
 
@@ -102,6 +108,19 @@ def test_ablation_runs_apply_their_overrides_to_hbn():
     config = runs[0].config(QUICK)
     assert config.statistics.momentum == 1.0
     assert runs[0].run_id.endswith("-momentum_1")
+
+
+def test_candidate_runs_cover_every_grid_setting_and_seed_with_hbns_lr():
+    profile = dataclasses.replace(QUICK, seeds=(0, 1), settings=PROFILES["full"].settings)
+    lrs = {("hbn", 4): 0.01, ("hbn", 32): 0.05, ("bn", 4): 0.02}
+    runs = plan_candidates(profile, lrs)
+    assert {(r.setting, r.seed) for r in runs} == {
+        (s, seed) for s in profile.settings for seed in profile.seeds
+    }
+    assert len(runs) == len(profile.settings) * len(profile.seeds)
+    assert all(r.lr == lrs["hbn", r.setting.batch_size] for r in runs)
+    assert all(r.run_id.endswith("-hybrid_statistics_mode") for r in runs)
+    assert runs[0].config(profile).statistics.mode == "hybrid"
 
 
 def test_runs_are_planned_seed_by_seed_with_the_tuned_lr():
