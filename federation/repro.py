@@ -538,7 +538,8 @@ def write_report(
         "",
         *_setup_lines(profile, grid, command),
         *_main_tables(profile, grid),
-        *_verdict_lines(profile, grid),
+        *_verdict_lines(profile, grid, "hbn"),
+        *_verdict_lines(profile, grid, "hbn-authors"),
         *_personal_lines(profile, grid),
         *_ablation_lines(profile, grid, results.ablation),
         *_candidate_lines(profile, grid, results.candidates),
@@ -596,26 +597,27 @@ def _main_tables(profile: Profile, grid: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
-def _verdict_lines(profile: Profile, grid: list[dict[str, Any]]) -> list[str]:
+def _verdict_lines(profile: Profile, grid: list[dict[str, Any]], ours: str) -> list[str]:
+    """``ours`` against every other method: paired differences and their verdicts."""
     cells = _by_cell(grid)
     lines = [
-        "## HBN against each baseline",
+        f"## `{ours}` against each baseline",
         "",
-        "Paired difference `hbn` - baseline in accuracy points, mean ± 95% CI over seeds:",
+        f"Paired difference `{ours}` - baseline in accuracy points, mean ± 95% CI over seeds:",
         "",
         "| baseline | "
         + " | ".join(s.label for s in profile.settings)
         + " | wins / ties / losses |",
         "|---" * (len(profile.settings) + 2) + "|",
     ]
-    for method in profile.methods[1:]:
+    for method in (m for m in profile.methods if m != ours):
         row, counts = [f"`{method}`"], {"win": 0, "tie": 0, "loss": 0}
         for setting in profile.settings:
-            ours, theirs = cells.get(("hbn", setting), {}), cells.get((method, setting), {})
-            if not ours.keys() & theirs.keys():
+            mine, theirs = cells.get((ours, setting), {}), cells.get((method, setting), {})
+            if not mine.keys() & theirs.keys():
                 row.append("-")
                 continue
-            outcome, mean, half = verdict(ours, theirs)
+            outcome, mean, half = verdict(mine, theirs)
             counts[outcome] = counts.get(outcome, 0) + 1
             row.append(f"{_format(mean, half)} ({outcome})")
         row.append(f"{counts['win']} / {counts['tie']} / {counts['loss']}")

@@ -96,6 +96,10 @@ def test_the_report_has_every_method_and_a_plot(quick_results, tmp_path):
     for method in QUICK.methods:
         assert f"| `{method}` |" in text
     assert "`fedbn` (personalised)" in text
+    for ours in ("hbn", "hbn-authors"):
+        verdicts = text.split(f"## `{ours}` against each baseline")[1].split("##")[0]
+        rows = [line.split(" |")[0] for line in verdicts.splitlines() if line.startswith("| `")]
+        assert rows == [f"| `{m}`" for m in QUICK.methods if m != ours]
     assert "| momentum 1 | `statistics.momentum=1.0` |" in text
     candidate = "| hybrid statistics mode (`statistics.mode=hybrid`) |"
     assert all(f"{candidate} {row} |" in text for row in ("accuracy", "vs `hbn`"))
