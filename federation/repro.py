@@ -141,12 +141,16 @@ HBN_ABLATIONS: dict[str, tuple[str, ...]] = {
 }
 
 # Options that `hbn`'s ablation favoured, measured on the whole grid: hybrid mode as a candidate
-# for its defaults, the authors' D2 (which biases the pool, spec §7) to see whether it explains
-# the lead of `hbn-authors`.
+# for its defaults; the authors' D2 (which biases the pool, spec §7), alone and with their sync
+# evaluation (D7) as in the ablation, to see whether it explains the lead of `hbn-authors`.
 HYBRID_MODE: dict[str, tuple[str, ...]] = {"hybrid statistics mode": ("statistics.mode=hybrid",)}
 HBN_CANDIDATES = {
     **HYBRID_MODE,
     "hybrid recorded statistics (authors, D2)": ("statistics.recorded=hybrid",),
+    "sync + hybrid recorded statistics (authors, D2 and D7)": (
+        SYNC,
+        "statistics.recorded=hybrid",
+    ),
 }
 
 PROFILES: dict[str, Profile] = {
