@@ -6,8 +6,8 @@ report (``docs/results.md`` and ``docs/results.png`` for the ``full`` profile):
 1. **lr tuning**: each method and local batch size tries every lr of the profile's grid on the
    tuning setting with a seed kept apart from the reported ones; the lr with the best mean
    accuracy of its last evaluated rounds wins.
-2. **ablations**: ``hbn`` with each of its protocol options changed, on one setting.
-3. **grid**: each method, setting and seed runs with its tuned lr.
+2. **grid**: each method, setting and seed runs with its tuned lr.
+3. **ablations**: ``hbn`` with each of its protocol options changed, on one setting.
 4. **candidates**: ``hbn`` with options that could become its defaults, on every setting and
    seed of the grid, so that a change of default is judged where the grid judges methods.
 
@@ -448,8 +448,8 @@ class Results(NamedTuple):
     """The stored result of every run of a profile, by phase (see :func:`execute`)."""
 
     tuning: list[dict[str, Any]]
-    ablation: list[dict[str, Any]]
     grid: list[dict[str, Any]]
+    ablation: list[dict[str, Any]]
     candidates: list[dict[str, Any]]
 
 
@@ -468,10 +468,10 @@ def run_profile(
     """
     tuning = _execute_all(plan(profile), profile, out_dir, workers, on_done)
     lrs = tuned_lrs(tuning)
-    ablation = _execute_all(plan_ablation(profile, lrs), profile, out_dir, workers, on_done)
     grid = _execute_all(plan(profile, lrs), profile, out_dir, workers, on_done)
+    ablation = _execute_all(plan_ablation(profile, lrs), profile, out_dir, workers, on_done)
     candidates = _execute_all(plan_candidates(profile, lrs), profile, out_dir, workers, on_done)
-    return Results(tuning, ablation, grid, candidates)
+    return Results(tuning, grid, ablation, candidates)
 
 
 # -- the report -----------------------------------------------------------------------------

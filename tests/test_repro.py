@@ -56,6 +56,12 @@ def test_each_run_is_stored_once_and_a_second_call_resumes_without_rerunning(qui
     assert resumed == phases
 
 
+def test_the_grid_runs_before_the_investigation_of_hbns_options(quick_results):
+    _, _, finished = quick_results
+    phases = [run.phase for run in finished]
+    assert phases == sorted(phases, key=["tune", "grid", "ablation", "candidate"].index)
+
+
 def test_exported_runs_import_into_a_fresh_folder_and_resume_there(quick_results, tmp_path):
     _, phases, _ = quick_results
     exported = tmp_path / "runs.jsonl"
