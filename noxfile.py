@@ -132,7 +132,7 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def repro(session: nox.Session) -> None:
-    """The reproduction grid on Fashion-MNIST (about 2 hours on 2 cores; not run by CI).
+    """The reproduction grid on Fashion-MNIST (about 4 hours on 2 cores; not run by CI).
 
     Writes docs/results.md and docs/results.png; run results go to .repro/ and an interrupted
     grid resumes there. Fashion-MNIST comes from Debian's ``dataset-fashion-mnist``, installed
