@@ -703,7 +703,7 @@ def _candidate_lines(
     lines = [
         "## Candidate defaults for `hbn`",
         "",
-        "`hbn` with an option its ablation favoured, on every setting and seed of the grid."
+        "`hbn` with options its ablation favoured, on every setting and seed of the grid."
         " Accuracy (%), and paired differences (points) from `hbn` and `hbn-authors`:",
         "",
         "| variant | | " + " | ".join(s.label for s in profile.settings) + " |",
