@@ -80,17 +80,24 @@ class _HybridBatchNormFunction(torch.autograd.Function):
 class _FusedHybridBatchNormFunction(torch.autograd.Function):
     r"""The core's math on torch's fused batch-norm kernels: the measured fast path.
 
-    Forward: the exact batch mean and biased variance come from one fused pass
-    (``torch.batch_norm_update_stats``), and the output from torch's fused inference-mode batch
-    norm fed with the hybrid statistics :math:`\hat\mu, \hat\sigma^2`.
+    Forward: given the exact batch mean :math:`\mu_B` and biased variance :math:`\sigma_B^2`
+    (the caller takes them from ``torch.batch_norm_update_stats``, one fused pass), the output is
+    torch's fused inference-mode batch norm fed with the hybrid statistics
+    :math:`\hat\mu, \hat\sigma^2`.
 
-    Backward: torch's fused training-mode backward, given :math:`\hat\mu` and
-    :math:`r = 1/\sqrt{\hat\sigma^2+\epsilon}` as its saved statistics and the weight
-    :math:`(1-w)\gamma`, returns :math:`(1-w)\,\gamma r\,[g - \overline{g} - \hat x\,
-    \overline{g\hat x}]` with :math:`\sum g\hat x` and :math:`\sum g`. The core's
-    :math:`\partial L/\partial x` (``docs/math.md``) is that plus :math:`w\gamma r\,g` and the
-    per-channel :math:`-r\,\frac{1-w}{n}\,w\,r\,S_2(\mu_G-\mu_B)`. Like torch's BatchNorm it
-    saves ``x``, not :math:`\hat x`.
+    Backward: torch's fused backward reduction gives :math:`\sum g` and :math:`\sum g\hat x`,
+    hence :math:`S_1 = \gamma\sum g` and :math:`S_2 = \gamma\sum g\hat x`. With
+    :math:`x_i - \mu_B = \hat x_i/r + w(\mu_G - \mu_B)`, the core's :math:`\partial L/\partial x`
+    (``docs/math.md``) becomes
+
+    .. math::
+
+        \frac{\partial L}{\partial x_i} = \gamma r\,g_i
+        - (1-w)\,\frac{r}{n}\,\bigl[S_1 + r S_2\,(x_i - \mu_B)\bigr],
+
+    a per-channel affine map of :math:`x` (torch's fused inference kernel) plus
+    :math:`\gamma r\,g`. Like torch's BatchNorm it saves ``x``, not :math:`\hat x`; the
+    per-channel statistics are recomputed from the saved inputs.
     """
 
     @staticmethod
@@ -99,39 +106,64 @@ class _FusedHybridBatchNormFunction(torch.autograd.Function):
         scale: torch.Tensor,
         offset: torch.Tensor,
         alpha: torch.Tensor,
+        batch_mean: torch.Tensor,
+        batch_var: torch.Tensor,
         global_mean: torch.Tensor,
         global_var: torch.Tensor,
         eps: float,
-    ) -> tuple[torch.Tensor, ...]:
-        # Rows: mean, variance. lerp(batch, global, w) is (1-w)*batch + w*global, exact at w=0, 1.
-        batch = torch.stack(torch.batch_norm_update_stats(x, None, None, 0.0))
-        glob = torch.stack((global_mean, global_var))
-        global_weight = torch.sigmoid(alpha)
-        mixed_mean, mixed_var = torch.lerp(batch, glob, global_weight).unbind()
-        y = torch.batch_norm(x, scale, offset, mixed_mean, mixed_var, False, 0.0, eps, True)
-        mean_gap, var_gap = (glob - batch).unbind()
-        return y, mixed_mean, torch.rsqrt(mixed_var + eps), global_weight, mean_gap, var_gap
+    ) -> torch.Tensor:
+        mixed_mean, mixed_var, _ = _mixed_statistics(
+            alpha, batch_mean, batch_var, global_mean, global_var
+        )
+        return torch.batch_norm(x, scale, offset, mixed_mean, mixed_var, False, 0.0, eps, True)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-        x, scale = inputs[:2]
-        statistics = output[1:]
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:  # noqa: ARG004 - torch's signature
+        x, scale, _, *statistics, eps = inputs
+        ctx.eps = eps
         ctx.save_for_backward(x, scale, *statistics)
-        ctx.mark_non_differentiable(*statistics)
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        x, scale, mixed_mean, inv_std, w, mean_gap, var_gap = ctx.saved_tensors
-        dx, dscale, doffset = torch.ops.aten.native_batch_norm_backward(
-            dy, x, (1 - w) * scale, None, None, mixed_mean, inv_std, True, 0.0, [True, True, True]
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, scale, alpha, batch_mean, batch_var, global_mean, global_var = ctx.saved_tensors
+        mixed_mean, mixed_var, w = _mixed_statistics(
+            alpha, batch_mean, batch_var, global_mean, global_var
+        )
+        inv_std = torch.rsqrt(mixed_var + ctx.eps)
+        _, dscale, doffset = torch.ops.aten.native_batch_norm_backward(
+            dy, x, None, None, None, mixed_mean, inv_std, True, 0.0, [False, True, True]
         )
         s1, s2 = scale * doffset, scale * dscale
-        batch_share = inv_std * (1 - w) * (x.shape[1] / x.numel())
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        dx = dx.addcmul_(dy, (w * scale * inv_std).view(shape))
-        dx = dx.sub_((batch_share * w * inv_std * s2 * mean_gap).view(shape))
-        dweight = -inv_std * s1 * mean_gap - 0.5 * inv_std * inv_std * s2 * var_gap
-        return dx, dscale, doffset, w * (1 - w) * dweight, None, None, None
+        minus_share = (w - 1) * inv_std * (x.shape[1] / x.numel())  # -(1-w) r / n
+        r_s2 = inv_std * s2
+        # -(1-w)(r/n)[S1 + r S2 (x - mu_B)]: torch's inference kernel with mean mu_B, variance 1.
+        dx = torch.batch_norm(
+            x, minus_share * r_s2, minus_share * s1, batch_mean, torch.ones_like(s1),
+            False, 0.0, 0.0, True,
+        )  # fmt: skip
+        dx = dx.addcmul_(dy, (scale * inv_std).view((1, -1) + (1,) * (x.dim() - 2)))
+        # dL/dw = r [S1 (mu_B - mu_G) + r S2 (sigma_B^2 - sigma_G^2) / 2]
+        dweight = torch.addcmul(
+            s1 * (batch_mean - global_mean), r_s2, batch_var - global_var, value=0.5
+        )
+        dalpha = dweight.mul_(inv_std * w * (1 - w))
+        return dx, dscale, doffset, dalpha, None, None, None, None, None
+
+
+def _mixed_statistics(
+    alpha: torch.Tensor,
+    batch_mean: torch.Tensor,
+    batch_var: torch.Tensor,
+    global_mean: torch.Tensor,
+    global_var: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r""":math:`\hat\mu`, :math:`\hat\sigma^2` and :math:`w = \operatorname{sigmoid}(\alpha)`.
+
+    ``lerp(batch, global, w)`` is :math:`(1-w)\,\mathrm{batch} + w\,\mathrm{global}`, exact at
+    :math:`w = 0` and :math:`w = 1`.
+    """
+    w = torch.sigmoid(alpha)
+    return torch.lerp(batch_mean, global_mean, w), torch.lerp(batch_var, global_var, w), w
 
 
 class HybridBatchNorm(nn.Module):
@@ -270,14 +302,21 @@ class HybridBatchNorm(nn.Module):
 
     def _hybrid(self, x: torch.Tensor, *, update_running_stats: bool) -> torch.Tensor:
         scale, offset = self._affine()
-        args = (x, scale, offset, self.alpha, self.global_mean, self.global_var, self.eps)
         if self._fused_kernels_apply(x):
-            y, _, _, _, mean_gap, var_gap = _FusedHybridBatchNormFunction.apply(*args)
+            batch_mean, batch_var = torch.batch_norm_update_stats(x.detach(), None, None, 0.0)
+            y = _FusedHybridBatchNormFunction.apply(
+                x, scale, offset, self.alpha, batch_mean, batch_var,
+                self.global_mean, self.global_var, self.eps,
+            )  # fmt: skip
         else:
-            y, *residuals = _HybridBatchNormFunction.apply(*args)
-            mean_gap, var_gap = HBNResiduals(*residuals)[4:]
+            y, *residuals = _HybridBatchNormFunction.apply(
+                x, scale, offset, self.alpha, self.global_mean, self.global_var, self.eps
+            )
+            gaps = HBNResiduals(*residuals)
+            batch_mean = self.global_mean - gaps.mean_gap.reshape(-1)
+            batch_var = self.global_var - gaps.var_gap.reshape(-1)
         if update_running_stats:
-            self._update_running_stats(mean_gap.reshape(-1), var_gap.reshape(-1), x)
+            self._update_running_stats(batch_mean, batch_var, x.numel() // self.num_features)
         return y
 
     def _fused_kernels_apply(self, x: torch.Tensor) -> bool:
@@ -297,16 +336,16 @@ class HybridBatchNorm(nn.Module):
 
     @torch.no_grad()
     def _update_running_stats(
-        self, mean_gap: torch.Tensor, var_gap: torch.Tensor, x: torch.Tensor
+        self, batch_mean: torch.Tensor, batch_var: torch.Tensor, count: int
     ) -> None:
-        """Torch's running-statistics update, from the batch statistics the forward used."""
+        """Torch's running-statistics update from the forward's batch statistics.
+
+        ``batch_var`` is biased; ``running_var`` averages Bessel-corrected variances, as in torch.
+        """
         self.num_batches_tracked.add_(1)
         factor: float | torch.Tensor = self.momentum
         if factor is None:  # the cumulative average, as torch's momentum=None
             factor = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
-        count = x.numel() // self.num_features
-        batch_mean = self.global_mean - mean_gap
-        batch_var = self.global_var - var_gap
         unbiased = batch_var * (count / max(count - 1, 1))
         torch._foreach_lerp_(
             [self.running_mean, self.running_var],
