@@ -25,6 +25,10 @@ nox.options.error_on_external_run = True
 
 # Always pinned: this version is the machine's local CPU wheel; an unpinned torch pulls CUDA.
 TORCH = "torch==2.13.0"
+# glibc's malloc keeps freed blocks (up to 32 MiB each mapped from its heap, never trimmed), so a
+# step's full-size temporaries reuse warm pages, as in a training loop's steady state. Without it,
+# fresh pages made the large-shape times of the benchmarks vary twofold from run to run.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
 FRAMEWORK_MARKERS = "torch or jax or tf or cross or flower"
 DOCTESTS = ("--doctest-modules", "--doctest-glob=*.md")
 
@@ -158,7 +162,10 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks (not run by CI); figures go to docs/benchmarks.md."""
     session.install(TORCH, "-e", ".[all,flower]")
-    session.run("python", "benchmarks/run.py", "--output", "docs/benchmarks.md", *session.posargs)
+    session.run(
+        "python", "benchmarks/run.py", "--output", "docs/benchmarks.md", *session.posargs,
+        env=STEADY_MALLOC,
+    )  # fmt: skip
 
 
 @nox.session

@@ -110,6 +110,24 @@ def format_row(core: float, baseline: float) -> str:
     return f"core {core:8.2f} ms  baseline {baseline:8.2f} ms  ratio {core / baseline:5.2f}"
 
 
+def allocator_note() -> str:
+    """How glibc's malloc was set for this run (``nox -s bench`` sets it; see the noxfile)."""
+    settings = [
+        f"`{name}={os.environ[name]}`"
+        for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+        if name in os.environ
+    ]
+    if not settings:
+        return (
+            "glibc's malloc ran with its defaults: full-size temporaries may land on fresh pages, "
+            "which made large-shape times vary twofold between runs."
+        )
+    return (
+        f"glibc's malloc kept freed memory ({', '.join(settings)}), so that full-size "
+        "temporaries reuse warm pages, as in a training loop's steady state."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="docs/benchmarks.md")
@@ -139,8 +157,8 @@ def main() -> None:
         "forward+backward for NumPy, and "
         "`torch.nn.functional.batch_norm` with autograd for PyTorch. The core runs eagerly (no "
         "compilation); its extra work against BN is the hybrid statistics and the alpha gradient. "
-        "Absolute times vary from run to run on a shared machine (fresh pages for full-size "
-        "temporaries cost more in some runs than in others); compare ratios within one run.",
+        f"{allocator_note()} Absolute times vary from run to run on a shared machine; compare "
+        "ratios within one run.",
         "",
         "| library | shape | core (ms) | baseline (ms) | ratio core / baseline |",
         "|---|---|---:|---:|---:|",

@@ -1,11 +1,12 @@
 """Benchmark backends.torch.HybridBatchNorm against nn.BatchNorm and a plain autograd HBN.
 
 Rows, all measured in one process: torch's ``nn.BatchNorm*d`` (the baseline), ``HybridBatchNorm*d``
-on its fused-kernel fast path, the same layer calling hbn_core directly, and an HBN written as a
-plain autograd composition (the way the authors' layer is written). Time is forward+backward,
-median over repeats after warm-up. Memory is the peak resident memory that one training step of a
-small CNN adds, each variant in a fresh process, and the bytes autograd saves for backward in that
-step.
+on its fused-kernel fast path, the same layer calling hbn_core directly, an HBN written as a
+plain autograd composition (the way the authors' layer is written), and the floor of any layer
+with a Python custom gradient (a ``torch.autograd.Function`` that only copies its input). Time is
+forward+backward, median over repeats after warm-up. Memory is the peak resident memory that one
+training step of a small CNN adds, each variant in a fresh process, and the bytes autograd saves
+for backward in that step.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 SHAPES = [(32, 64, 32, 32), (4, 64, 32, 32), (256, 128)]
 VARIANTS = ["batchnorm", "hbn-fused", "hbn-core", "hbn-autograd"]
+TIMED = [*VARIANTS, "function-floor"]
 
 
 class AutogradHybridBatchNorm(nn.Module):
@@ -52,12 +54,38 @@ class AutogradHybridBatchNorm(nn.Module):
         return self.weight.view(shape) * x_hat + self.bias.view(shape)
 
 
+class _CopyWithCustomGradient(torch.autograd.Function):
+    """Copies its input and passes the gradient through: a Python custom gradient, no math."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
+        """Nothing to save."""
+
+    @staticmethod
+    def backward(ctx: object, dy: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 - torch's signature
+        return dy
+
+
+class FunctionFloor(nn.Module):
+    """What any layer with a Python custom gradient pays before it does any math."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A copy of ``x`` through :class:`_CopyWithCustomGradient`."""
+        return _CopyWithCustomGradient.apply(x)
+
+
 def make_norm(variant: str, num_features: int, ndim: int) -> nn.Module:
     """One normalisation layer of ``variant`` for inputs of rank ``ndim``."""
     if variant == "batchnorm":
         return nn.BatchNorm2d(num_features) if ndim == 4 else nn.BatchNorm1d(num_features)
     if variant == "hbn-autograd":
         return AutogradHybridBatchNorm(num_features)
+    if variant == "function-floor":
+        return FunctionFloor()
     layer = HybridBatchNorm2d(num_features) if ndim == 4 else HybridBatchNorm1d(num_features)
     layer.use_fused_kernels = variant == "hbn-fused"
     return layer
@@ -78,7 +106,7 @@ def time_layers(repeats: int) -> list[dict]:
         dy = torch.randn(shape)
         steps = {
             variant: training_step(make_norm(variant, shape[1], len(shape)), x, dy)
-            for variant in VARIANTS
+            for variant in TIMED
         }
         rows.append({"shape": shape, **median_ms(steps, repeats)})
     return rows
@@ -161,15 +189,17 @@ def markdown(rows: list[dict], memory: dict[str, dict], repeats: int) -> list[st
         "measured in the same run. `hbn-fused` is the layer's default fast path (torch's fused "
         "batch-norm kernels fed with the core's statistics); `hbn-core` is the same layer with "
         "`use_fused_kernels = False`, calling hbn_core's forward and backward; `hbn-autograd` "
-        "is HBN written as plain autograd ops, as the authors' layer is.",
+        "is HBN written as plain autograd ops, as the authors' layer is. `function-floor` is a "
+        "layer whose custom `torch.autograd.Function` only copies its input and passes the "
+        "gradient through: the least that any layer with a Python custom gradient costs.",
         "",
         "| shape | BatchNorm (ms) | hbn-fused (ms) | ratio | hbn-core (ms) | ratio "
-        "| hbn-autograd (ms) | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| hbn-autograd (ms) | ratio | function-floor (ms) | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         base = row["batchnorm"]
-        cells = [f"{row[v]:.3f} | {row[v] / base:.2f}" for v in VARIANTS[1:]]
+        cells = [f"{row[v]:.3f} | {row[v] / base:.2f}" for v in TIMED[1:]]
         lines.append(f"| {row['shape']} | {base:.3f} | " + " | ".join(cells) + " |")
     base = memory["batchnorm"]
     lines += [
@@ -195,7 +225,7 @@ def run(repeats: int) -> list[str]:
     """Measure everything and return the markdown section."""
     rows = time_layers(repeats)
     for row in rows:
-        print(row["shape"], {v: round(row[v] / row["batchnorm"], 2) for v in VARIANTS[1:]})
+        print(row["shape"], {v: round(row[v] / row["batchnorm"], 2) for v in TIMED[1:]})
     memory = measure_memory()
     print(memory)
     return markdown(rows, memory, repeats)
