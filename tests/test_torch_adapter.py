@@ -27,7 +27,15 @@ LAYERS = {
     (4,): hbn_torch.HybridBatchNorm2d,
     (5,): hbn_torch.HybridBatchNorm3d,
 }
-PATHS = pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "array-api-core"])
+PATHS = pytest.mark.parametrize("path", ["compiled-kernel", "fused-kernels", "array-api-core"])
+
+
+def use_path(layer: object, path: str) -> None:
+    """Make ``layer`` train on ``path``; the C++ operator must have been built for its path."""
+    layer.use_compiled_kernel = path == "compiled-kernel"
+    layer.use_fused_kernels = path != "array-api-core"
+    if path == "compiled-kernel":
+        assert hbn_torch.compiled_kernel_available()
 
 
 @st.composite
@@ -51,9 +59,9 @@ def layer_cases(draw: st.DrawFn) -> dict:
     }
 
 
-def make_layer(case: dict, *, fused: bool) -> object:
+def make_layer(case: dict, *, path: str) -> object:
     layer = LAYERS[(case["x"].ndim,)](case["x"].shape[1], dtype=torch.float64)
-    layer.use_fused_kernels = fused
+    use_path(layer, path)
     with torch.no_grad():
         for name in ("weight", "bias", "alpha", "global_mean", "global_var"):
             getattr(layer, name).copy_(torch.from_numpy(case[name]))
@@ -66,8 +74,8 @@ def oracle_args(case: dict) -> tuple:
 
 @PATHS
 @given(case=layer_cases())
-def test_training_forward_equals_float64_oracle(case, fused):
-    layer = make_layer(case, fused=fused)
+def test_training_forward_equals_float64_oracle(case, path):
+    layer = make_layer(case, path=path)
     y = layer(torch.from_numpy(case["x"]))
     expected = oracle.hbn_forward(*oracle_args(case), channel_axis=1, eps=1e-5)
     np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-10, atol=1e-10)
@@ -75,8 +83,8 @@ def test_training_forward_equals_float64_oracle(case, fused):
 
 @PATHS
 @given(case=layer_cases())
-def test_gradients_equal_the_core_backward(case, fused):
-    layer = make_layer(case, fused=fused)
+def test_gradients_equal_the_core_backward(case, path):
+    layer = make_layer(case, path=path)
     x = torch.from_numpy(case["x"]).requires_grad_(True)
     y = layer(x)
     grads = torch.autograd.grad(
@@ -91,7 +99,7 @@ def test_gradients_equal_the_core_backward(case, fused):
 
 @PATHS
 @pytest.mark.parametrize("shape", [(5, 3), (4, 2, 3), (3, 2, 2, 3), (2, 2, 2, 2, 2)])
-def test_gradcheck_in_float64(shape, fused):
+def test_gradcheck_in_float64(shape, path):
     rng = np.random.default_rng(sum(shape))
     case = {
         "x": rng.standard_normal(shape),
@@ -101,7 +109,7 @@ def test_gradcheck_in_float64(shape, fused):
         "global_mean": rng.standard_normal(shape[1]),
         "global_var": rng.uniform(0.5, 2, shape[1]),
     }
-    layer = make_layer(case, fused=fused)
+    layer = make_layer(case, path=path)
 
     def call(x, weight, bias, alpha):
         parameters = {"weight": weight, "bias": bias, "alpha": alpha}
@@ -115,7 +123,7 @@ def test_gradcheck_in_float64(shape, fused):
 
 @given(case=layer_cases())
 def test_eval_uses_the_global_statistics_only(case):
-    layer = make_layer(case, fused=True).eval()
+    layer = make_layer(case, path="compiled-kernel").eval()
     y = layer(torch.from_numpy(case["x"]))
     expected = oracle.inference(
         *oracle_args(case)[:3], *oracle_args(case)[4:], channel_axis=1, eps=1e-5
@@ -124,9 +132,9 @@ def test_eval_uses_the_global_statistics_only(case):
 
 
 @PATHS
-def test_affine_false_keeps_a_learnable_alpha(fused):
+def test_affine_false_keeps_a_learnable_alpha(path):
     layer = hbn_torch.HybridBatchNorm2d(3, affine=False)
-    layer.use_fused_kernels = fused
+    use_path(layer, path)
     assert layer.weight is None
     assert layer.bias is None
     assert [name for name, _ in layer.named_parameters()] == ["alpha"]
@@ -143,10 +151,10 @@ def test_affine_false_keeps_a_learnable_alpha(fused):
 
 @PATHS
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None])
-def test_running_statistics_follow_torch_batchnorm(momentum, fused):
+def test_running_statistics_follow_torch_batchnorm(momentum, path):
     torch.manual_seed(0)
     hbn = hbn_torch.HybridBatchNorm2d(3, momentum=momentum, dtype=torch.float64)
-    hbn.use_fused_kernels = fused
+    use_path(hbn, path)
     bn = torch.nn.BatchNorm2d(3, momentum=momentum, dtype=torch.float64)
     for _ in range(3):
         x = 2 + 3 * torch.randn(6, 3, 4, 4, dtype=torch.float64)
@@ -402,11 +410,11 @@ def test_collection_needs_a_known_mode_and_hbn_layers():
 @PATHS
 # torch.compile's own internals (dynamo, inductor) emit DeprecationWarnings about torch APIs.
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_torch_compile_fullgraph_matches_eager(fused):
+def test_torch_compile_fullgraph_matches_eager(path):
     torch.manual_seed(3)
     model = small_cnn(hbn_torch.HybridBatchNorm2d).double()
     for _, layer in hbn_torch.hbn_layers(model):
-        layer.use_fused_kernels = fused
+        use_path(layer, path)
     compiled = torch.compile(copy.deepcopy(model), fullgraph=True)
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
     for mode in (True, False):
@@ -445,7 +453,7 @@ def test_sgd_trains_a_cnn_with_hbn_as_with_batchnorm(norm):
 
 
 @PATHS
-def test_torch_func_grad_equals_autograd(fused):
+def test_torch_func_grad_equals_autograd(path):
     """The setup_context-style Function composes with torch.func transforms.
 
     As for torch's BatchNorm, torch.func needs layers that do not update running statistics in
@@ -453,7 +461,7 @@ def test_torch_func_grad_equals_autograd(fused):
     """
     torch.manual_seed(5)
     layer = hbn_torch.HybridBatchNorm2d(3, track_running_stats=False, dtype=torch.float64)
-    layer.use_fused_kernels = fused
+    use_path(layer, path)
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
     params = {name: p.detach() for name, p in layer.named_parameters()}
 

@@ -1,0 +1,258 @@
+// hbn::hybrid_batch_norm: HBN's training forward and analytic backward as one torch operator, for
+// CPU tensors.
+//
+// The math of hbn_core (docs/math.md) and of backends/torch.py's _FusedHybridBatchNormFunction:
+// torch's fused kernels take the batch moments, the output and the backward's two sums; the
+// per-channel arithmetic and the input gradient are plain loops here, and the autograd node is
+// C++, so that a call costs about what torch's own BatchNorm costs rather than a Python call and
+// two dozen tiny tensor ops. backends/torch.py builds this file on first use
+// (torch.utils.cpp_extension) and falls back to the Python path where it cannot.
+// tests/test_torch_adapter.py runs every case on every path. Per channel, with g = dL/dy:
+//
+//   w = sigmoid(alpha),  mu = (1-w) mu_B + w mu_G,  var = (1-w) var_B + w var_G  (var_B biased)
+//   r = 1 / sqrt(var + eps),  y = weight (x - mu) r + bias
+//   dx = weight r g - (1-w) (r/n) [S1 + r S2 (x - mu_B)],  S1 = weight sum(g),
+//        S2 = weight sum(g x_hat)
+//   dalpha = w (1-w) r [S1 (mu_B - mu_G) + r S2 (var_B - var_G) / 2]
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The per-channel vectors of one call, contiguous, in x's dtype. w and 1 - w are computed once,
+// in the forward, as sigmoid(alpha) and sigmoid(-alpha): neither cancels nor overflows.
+struct Channels {
+  at::Tensor weight, batch_mean, batch_var, global_mean, global_var, global_weight, batch_weight;
+};
+
+// w, 1 - w, mu and var from alpha and the four statistics.
+std::pair<at::Tensor, at::Tensor> mix(Channels& c, const at::Tensor& alpha) {
+  c.global_weight = at::empty_like(alpha);
+  c.batch_weight = at::empty_like(alpha);
+  at::Tensor mean = at::empty_like(alpha), var = at::empty_like(alpha);
+  AT_DISPATCH_FLOATING_TYPES(alpha.scalar_type(), "hbn_mix", [&] {
+    const scalar_t *a = alpha.data_ptr<scalar_t>(), *mu_b = c.batch_mean.data_ptr<scalar_t>(),
+                   *var_b = c.batch_var.data_ptr<scalar_t>(),
+                   *mu_g = c.global_mean.data_ptr<scalar_t>(),
+                   *var_g = c.global_var.data_ptr<scalar_t>();
+    scalar_t *w = c.global_weight.data_ptr<scalar_t>(), *bw = c.batch_weight.data_ptr<scalar_t>(),
+             *mu = mean.data_ptr<scalar_t>(), *v = var.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < alpha.numel(); ++i) {
+      const double e = std::exp(-std::abs(static_cast<double>(a[i])));  // in (0, 1]
+      const double large = 1.0 / (1.0 + e), small = e / (1.0 + e);     // sigmoid(+-|alpha|)
+      w[i] = a[i] >= 0 ? large : small;
+      bw[i] = a[i] >= 0 ? small : large;
+      mu[i] = bw[i] * mu_b[i] + w[i] * mu_g[i];
+      v[i] = bw[i] * var_b[i] + w[i] * var_g[i];
+    }
+  });
+  return {mean, var};
+}
+
+// torch's BatchNorm update of the running statistics (HybridBatchNorm._update_running_stats):
+// running = (1 - m) running + m batch, with the Bessel-corrected batch variance for running_var;
+// m = momentum, or 1 / num_batches_tracked (the cumulative average) when momentum is None.
+void update_running_statistics(const at::Tensor& running_mean, const at::Tensor& running_var,
+                               const at::Tensor& num_batches_tracked,
+                               c10::optional<double> momentum, const Channels& c, int64_t count) {
+  const int64_t batches = ++*num_batches_tracked.data_ptr<int64_t>();
+  const double factor = momentum.has_value() ? *momentum : 1.0 / static_cast<double>(batches);
+  const double bessel = static_cast<double>(count) / std::max<int64_t>(count - 1, 1);
+  AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "hbn_running_statistics", [&] {
+    const scalar_t *mu_b = c.batch_mean.data_ptr<scalar_t>(),
+                   *var_b = c.batch_var.data_ptr<scalar_t>();
+    scalar_t *mean = running_mean.data_ptr<scalar_t>(), *var = running_var.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < running_mean.numel(); ++i) {
+      mean[i] += factor * (mu_b[i] - mean[i]);
+      var[i] += factor * (bessel * var_b[i] - var[i]);
+    }
+  });
+}
+
+// y and the per-channel vectors that the backward needs; no autograd.
+std::pair<at::Tensor, Channels> forward_values(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& alpha,
+    const at::Tensor& global_mean, const at::Tensor& global_var,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    const c10::optional<at::Tensor>& num_batches_tracked, c10::optional<double> momentum,
+    double eps) {
+  TORCH_CHECK(x.is_cpu(), "hbn::hybrid_batch_norm takes CPU tensors; got ", x.device());
+  auto [batch_mean, batch_var] = at::batch_norm_update_stats(x, {}, {}, 0.0);
+  Channels c{weight.contiguous(), batch_mean, batch_var, global_mean.contiguous(),
+             global_var.contiguous()};
+  auto [mean, var] = mix(c, alpha.contiguous());
+  if (running_mean.has_value()) {
+    update_running_statistics(*running_mean, *running_var, *num_batches_tracked, momentum, c,
+                              x.numel() / x.size(1));
+  }
+  return {at::batch_norm(x, weight, bias, mean, var, false, 0.0, eps, true), c};
+}
+
+at::Tensor hybrid_batch_norm_values(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& alpha,
+    const at::Tensor& global_mean, const at::Tensor& global_var,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    const c10::optional<at::Tensor>& num_batches_tracked, c10::optional<double> momentum,
+    double eps) {
+  return forward_values(x, weight, bias, alpha, global_mean, global_var, running_mean,
+                        running_var, num_batches_tracked, momentum, eps)
+      .first;
+}
+
+// dx = a x + b + d g per channel: one pass over contiguous x and g; torch's inference kernel and
+// addcmul, two passes, otherwise.
+at::Tensor input_gradient(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a,
+                          const at::Tensor& b, const at::Tensor& d) {
+  if (!x.is_contiguous() || !dy.is_contiguous()) {
+    at::Tensor dx =
+        at::batch_norm(x, a, b, at::zeros_like(a), at::ones_like(a), false, 0.0, 0.0, true);
+    std::vector<int64_t> channel_shape(x.dim(), 1);
+    channel_shape[1] = -1;
+    return dx.addcmul_(dy, d.view(channel_shape));
+  }
+  at::Tensor dx = at::empty_like(x);
+  const int64_t batch = x.size(0), channels = x.size(1);
+  const int64_t inner = batch * channels == 0 ? 0 : x.numel() / (batch * channels);
+  const int64_t rows_per_task =
+      std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, channels * inner));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hbn_input_gradient", [&] {
+    const scalar_t *px = x.data_ptr<scalar_t>(), *pg = dy.data_ptr<scalar_t>();
+    const scalar_t *pa = a.data_ptr<scalar_t>(), *pb = b.data_ptr<scalar_t>(),
+                   *pd = d.data_ptr<scalar_t>();
+    scalar_t* out = dx.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, rows_per_task, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t row = n * channels * inner;
+        if (inner == 1) {  // (N, C): the channels are the contiguous axis
+          for (int64_t ch = 0; ch < channels; ++ch) {
+            out[row + ch] = pa[ch] * px[row + ch] + pb[ch] + pd[ch] * pg[row + ch];
+          }
+          continue;
+        }
+        for (int64_t ch = 0; ch < channels; ++ch) {
+          const int64_t start = row + ch * inner;
+          const scalar_t ca = pa[ch], cb = pb[ch], cd = pd[ch];
+          for (int64_t i = start; i < start + inner; ++i) {
+            out[i] = ca * px[i] + cb + cd * pg[i];
+          }
+        }
+      }
+    });
+  });
+  return dx;
+}
+
+// dx, dweight, dbias and dalpha from g = dy.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_values(
+    const at::Tensor& dy, const at::Tensor& x, const Channels& c, double eps) {
+  const int64_t channels = x.size(1);
+  const double per_element = static_cast<double>(channels) / x.numel();  // 1 / n
+  at::Tensor mean = at::empty_like(c.batch_mean), inv_std = at::empty_like(c.batch_mean);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hbn_backward_statistics", [&] {
+    const scalar_t *w = c.global_weight.data_ptr<scalar_t>(),
+                   *bw = c.batch_weight.data_ptr<scalar_t>(),
+                   *mu_b = c.batch_mean.data_ptr<scalar_t>(),
+                   *var_b = c.batch_var.data_ptr<scalar_t>(),
+                   *mu_g = c.global_mean.data_ptr<scalar_t>(),
+                   *var_g = c.global_var.data_ptr<scalar_t>();
+    scalar_t *mu = mean.data_ptr<scalar_t>(), *r = inv_std.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < channels; ++i) {
+      mu[i] = bw[i] * mu_b[i] + w[i] * mu_g[i];
+      r[i] = 1.0 / std::sqrt(static_cast<double>(bw[i] * var_b[i] + w[i] * var_g[i]) + eps);
+    }
+  });
+  // torch's fused backward reduction: sum(g x_hat) and sum(g), dweight and dbias.
+  auto [unused, dweight, dbias] = at::native_batch_norm_backward(
+      dy, x, {}, {}, {}, mean, inv_std, true, 0.0, {false, true, true});
+  // dx = a x + b + d g with a = -(1-w)(r/n) r S2, b = -(1-w)(r/n) S1 - a mu_B, d = weight r.
+  at::Tensor a = at::empty_like(inv_std), b = at::empty_like(inv_std);
+  at::Tensor d = at::empty_like(inv_std), dalpha = at::empty_like(inv_std);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hbn_backward_coefficients", [&] {
+    const scalar_t *gamma = c.weight.data_ptr<scalar_t>(),
+                   *w = c.global_weight.data_ptr<scalar_t>(),
+                   *bw = c.batch_weight.data_ptr<scalar_t>(),
+                   *mu_b = c.batch_mean.data_ptr<scalar_t>(),
+                   *var_b = c.batch_var.data_ptr<scalar_t>(),
+                   *mu_g = c.global_mean.data_ptr<scalar_t>(),
+                   *var_g = c.global_var.data_ptr<scalar_t>(), *r = inv_std.data_ptr<scalar_t>(),
+                   *sum_g_xhat = dweight.data_ptr<scalar_t>(), *sum_g = dbias.data_ptr<scalar_t>();
+    scalar_t *pa = a.data_ptr<scalar_t>(), *pb = b.data_ptr<scalar_t>(),
+             *pd = d.data_ptr<scalar_t>(), *pdalpha = dalpha.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < channels; ++i) {
+      const double s1 = gamma[i] * sum_g[i], r_s2 = r[i] * gamma[i] * sum_g_xhat[i];
+      const double minus_share = -bw[i] * r[i] * per_element;
+      pa[i] = minus_share * r_s2;
+      pb[i] = minus_share * s1 - pa[i] * mu_b[i];
+      pd[i] = gamma[i] * r[i];
+      pdalpha[i] = w[i] * bw[i] * r[i] *
+                   (s1 * (mu_b[i] - mu_g[i]) + 0.5 * r_s2 * (var_b[i] - var_g[i]));
+    }
+  });
+  return {input_gradient(dy, x, a, b, d), dweight, dbias, dalpha};
+}
+
+class HybridBatchNorm : public torch::autograd::Function<HybridBatchNorm> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const at::Tensor& weight, const at::Tensor& bias,
+                               const at::Tensor& alpha, const at::Tensor& global_mean,
+                               const at::Tensor& global_var,
+                               const c10::optional<at::Tensor>& running_mean,
+                               const c10::optional<at::Tensor>& running_var,
+                               const c10::optional<at::Tensor>& num_batches_tracked,
+                               c10::optional<double> momentum, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, c] = forward_values(x, weight, bias, alpha, global_mean, global_var, running_mean,
+                                 running_var, num_batches_tracked, momentum, eps);
+    ctx->save_for_backward({x, c.weight, c.batch_mean, c.batch_var, c.global_mean, c.global_var,
+                            c.global_weight, c.batch_weight});
+    ctx->saved_data["eps"] = eps;
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list saved = ctx->get_saved_variables();
+    Channels c{saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7]};
+    auto [dx, dweight, dbias, dalpha] =
+        backward_values(grads[0].contiguous(), saved[0], c, ctx->saved_data["eps"].toDouble());
+    at::Tensor none;
+    return {dx, dweight, dbias, dalpha, none, none, none, none, none, none, none};
+  }
+};
+
+at::Tensor hybrid_batch_norm_autograd(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& alpha,
+    const at::Tensor& global_mean, const at::Tensor& global_var,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    const c10::optional<at::Tensor>& num_batches_tracked, c10::optional<double> momentum,
+    double eps) {
+  return HybridBatchNorm::apply(x, weight, bias, alpha, global_mean, global_var, running_mean,
+                                running_var, num_batches_tracked, momentum, eps)[0];
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hbn, m) {
+  m.def(
+      "hybrid_batch_norm(Tensor x, Tensor weight, Tensor bias, Tensor alpha, "
+      "Tensor global_mean, Tensor global_var, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hbn, CPU, m) { m.impl("hybrid_batch_norm", &hybrid_batch_norm_values); }
+
+TORCH_LIBRARY_IMPL(hbn, AutogradCPU, m) {
+  m.impl("hybrid_batch_norm", &hybrid_batch_norm_autograd);
+}
