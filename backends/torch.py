@@ -1,8 +1,10 @@
 """PyTorch adapter: ``HybridBatchNorm1d/2d/3d`` as drop-in replacements for torch's BatchNorm.
 
 The math is :mod:`hbn_core`'s. In training mode the layer calls :func:`hbn_core.hbn_forward`
-inside a :class:`torch.autograd.Function` whose backward is :func:`hbn_core.hbn_backward`; in
-eval mode it calls :func:`hbn_core.hbn_inference`. This module adds torch's conventions (names,
+inside a :class:`torch.autograd.Function` whose backward is :func:`hbn_core.hbn_backward`, or,
+by default, the same math on torch's fused batch-norm kernels (the fast path: a C++ operator on
+CPU, see :func:`compiled_kernel_available`, a Python ``autograd.Function`` elsewhere); in eval
+mode it calls :func:`hbn_core.hbn_inference`. This module adds torch's conventions (names,
 buffers, shapes, errors) and the client side of the statistics protocol:
 :func:`collect_statistics`, :func:`set_global_statistics`, :func:`hbn_layers` and
 :func:`convert_batchnorm`.
@@ -261,7 +263,7 @@ class HybridBatchNorm(nn.Module):
     """Train with torch's fused batch-norm kernels fed with the core's statistics (the fast
     path) where they apply: float32 or float64 input with parameters and buffers of its dtype,
     on CPU or CUDA. Otherwise, or when set to False, the layer calls hbn_core's forward and
-    backward directly. Both compute the same math and pass the same tests."""
+    backward directly. All paths compute the same math and pass the same tests."""
     use_compiled_kernel: bool = True
     """On the fast path, run it as one C++ operator, ``hbn::hybrid_batch_norm`` (see
     :func:`compiled_kernel_available`), in eager mode. Under ``torch.compile`` and ``torch.func``

@@ -1,9 +1,10 @@
 """Benchmark backends.torch.HybridBatchNorm against nn.BatchNorm and a plain autograd HBN.
 
 Rows, all measured in one process: torch's ``nn.BatchNorm*d`` (the baseline), ``HybridBatchNorm*d``
-on its fused-kernel fast path, the same layer calling hbn_core directly, an HBN written as a
-plain autograd composition (the way the authors' layer is written), and the floor of any layer
-with a Python custom gradient (a ``torch.autograd.Function`` that only copies its input). Time is
+as it trains by default (its fast path as one C++ operator), the same fast path as a Python
+``torch.autograd.Function``, the layer calling hbn_core directly, an HBN written as a plain
+autograd composition (the way the authors' layer is written), and the floor of any layer with a
+Python custom gradient (a ``torch.autograd.Function`` that only copies its input). Time is
 forward+backward, median over repeats after warm-up. Memory is the peak resident memory that one
 training step of a small CNN adds, each variant in a fresh process, and the bytes autograd saves
 for backward in that step.
