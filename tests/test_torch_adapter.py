@@ -474,3 +474,22 @@ def test_torch_func_grad_equals_autograd(path):
     expected = torch.autograd.grad(loss(leaves, x_leaf), [*leaves.values(), x_leaf])
     for actual, reference in zip([*functional[0].values(), functional[1]], expected, strict=True):
         torch.testing.assert_close(actual, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_a_failed_build_warns_once_and_the_layer_trains_on_the_python_path(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_ninja(**_: object) -> None:
+        msg = "Ninja is required to load C++ extensions"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(cpp_extension, "load", no_ninja)
+    hbn_torch.compiled_kernel_available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"could not be built \(Ninja is required"):
+            assert not hbn_torch.compiled_kernel_available()
+        layer = hbn_torch.HybridBatchNorm2d(3)
+        y = layer(torch.randn(4, 3, 2, 2, requires_grad=True))  # no second warning
+        assert type(y.grad_fn).__name__ == "_FusedHybridBatchNormFunctionBackward"
+    finally:
+        hbn_torch.compiled_kernel_available.cache_clear()
