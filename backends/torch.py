@@ -365,19 +365,29 @@ class HybridBatchNorm(nn.Module):
             self._update_running_stats(batch_mean, batch_var, x.numel() // self.num_features)
         return y
 
-    # The compiled path reads parameters and buffers from nn.Module's dicts: its __getattr__
-    # costs about 0.4 us a name, and this path's whole fixed cost is a few tens of us.
+    # The fast paths read parameters and buffers from nn.Module's dicts: its __getattr__ costs
+    # about 0.4 us a name, and the compiled path's whole fixed cost is a few tens of us.
+    def _fused_kernels_apply(self, x: torch.Tensor) -> bool:
+        """Whether torch's fused batch-norm kernels serve this call (one float dtype, CPU/CUDA)."""
+        dtype, parameters, buffers = x.dtype, self._parameters, self._buffers
+        return (
+            self.use_fused_kernels
+            and dtype in (torch.float32, torch.float64)
+            and x.device.type in ("cpu", "cuda")
+            and parameters["alpha"].dtype is dtype
+            and buffers["global_mean"].dtype is dtype
+            and buffers["global_var"].dtype is dtype
+        )
+
     def _compiled_kernel_applies(self, x: torch.Tensor) -> bool:
         """Whether the C++ operator serves this call: the fast path on CPU, eager, no functorch."""
-        dtype, parameters, buffers = x.dtype, self._parameters, self._buffers
-        own = (parameters["alpha"], parameters["weight"], buffers["global_mean"],
-               buffers["global_var"], buffers["running_mean"])  # fmt: skip
+        weight, running_mean = self._parameters["weight"], self._buffers["running_mean"]
         return (
             self.use_compiled_kernel
-            and self.use_fused_kernels
             and x.is_cpu
-            and dtype in (torch.float32, torch.float64)
-            and all(t is None or t.dtype is dtype for t in own)
+            and self._fused_kernels_apply(x)
+            and (weight is None or weight.dtype is x.dtype)
+            and (running_mean is None or running_mean.dtype is x.dtype)
             and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()
             and compiled_kernel_available()
@@ -395,18 +405,6 @@ class HybridBatchNorm(nn.Module):
             *(buffers[name] if update_running_stats else None for name in running),
             self.momentum, self.eps,
         )  # fmt: skip
-
-    def _fused_kernels_apply(self, x: torch.Tensor) -> bool:
-        """Whether torch's fused batch-norm kernels serve this call (one float dtype, CPU/CUDA)."""
-        dtype = x.dtype
-        return (
-            self.use_fused_kernels
-            and dtype in (torch.float32, torch.float64)
-            and x.device.type in ("cpu", "cuda")
-            and self.alpha.dtype == dtype
-            and self.global_mean.dtype == dtype
-            and self.global_var.dtype == dtype
-        )
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
         scale, offset = self._affine()
