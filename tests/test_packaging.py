@@ -62,6 +62,32 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     (ci_command,) = re.findall(r'^TEST_COMMAND="(.+)"$', ci_script, flags=re.MULTILINE)
     assert f"\n{ci_command}\n" in readme, f"README must show the command CI runs: {ci_command}"
+    assert re.search(r'^bash -c "\$TEST_COMMAND"$', ci_script, flags=re.MULTILINE)
+
+
+def _nox_sessions() -> set[str]:
+    """The sessions noxfile.py defines, read from its decorators."""
+    sessions = set()
+    for node in ast.parse((ROOT / "noxfile.py").read_text()).body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        for decorator in node.decorator_list:
+            call = decorator if isinstance(decorator, ast.Call) else None
+            target = call.func if call else decorator
+            if ast.unparse(target) == "nox.session":
+                names = [k.value for k in (call.keywords if call else []) if k.arg == "name"]
+                sessions.add(ast.literal_eval(names[0]) if names else node.name)
+    return sessions
+
+
+def test_ci_runs_every_test_session_and_the_docs_and_package_sessions():
+    ci_script = (ROOT / ".ci" / "run").read_text()
+    (ci_command,) = re.findall(r'^TEST_COMMAND="(.+)"$', ci_script, flags=re.MULTILINE)
+    ci_sessions = set(ci_command.partition("nox -s ")[2].split())
+    defined = _nox_sessions()
+    assert ci_sessions <= defined, sorted(ci_sessions - defined)
+    assert {"docs", "package", "lint"} <= ci_sessions
+    assert {s for s in defined if s.startswith("tests-")} <= ci_sessions
 
 
 # -- the documentation site (the docs session builds it, then runs these) -------------------
