@@ -20,6 +20,7 @@ import os
 import pathlib
 import shutil
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -208,38 +209,37 @@ def package(session: nox.Session) -> None:
     --set rounds=2`` writes results.json.
     """
     session.install("build", "twine>=6.1", "cffconvert>=2")
-    work = pathlib.Path(session.create_tmp()).resolve() / "package"
-    shutil.rmtree(work, ignore_errors=True)
-    dist = work / "dist"
-    session.run("python", "-m", "build", "--outdir", str(dist))
-    (sdist,) = dist.glob("*.tar.gz")
-    (wheel,) = dist.glob("*.whl")
-    session.run("twine", "check", "--strict", str(sdist), str(wheel))
-    session.run("cffconvert", "--validate", "--infile", "CITATION.cff")
-    _check_sdist_holds_tracked_files(session, sdist)
+    source = pathlib.Path(__file__).parent.resolve()
+    with tempfile.TemporaryDirectory(prefix="hbn-package-") as folder:  # outside the tree
+        work = pathlib.Path(folder)
+        dist = work / "dist"
+        session.run("python", "-m", "build", "--outdir", str(dist))
+        (sdist,) = dist.glob("*.tar.gz")
+        (wheel,) = dist.glob("*.whl")
+        session.run("twine", "check", "--strict", str(sdist), str(wheel))
+        session.run("cffconvert", "--validate", "--infile", "CITATION.cff")
+        _check_sdist_holds_tracked_files(session, sdist)
 
-    environment = work / "venv"
-    session.run("python", "-m", "venv", str(environment))
-    python = str(environment / "bin" / "python")
-    session.run(
-        python,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        TORCH,
-        f"{wheel}[torch,federation]",
-        external=True,
-    )
-    outside = work / "outside"
-    outside.mkdir()
-    shutil.copy("tools/check_wheel.py", outside)
-    session.chdir(outside)
-    session.run(
-        python, "check_wheel.py", str(pathlib.Path(__file__).parent.resolve()), str(outside),
-        external=True,
-        env={"TORCH_EXTENSIONS_DIR": str(work / "torch_extensions")},
-    )  # fmt: skip
+        started = time.perf_counter()
+        environment = work / "venv"
+        session.run("python", "-m", "venv", str(environment))
+        python = str(environment / "bin" / "python")
+        session.run(
+            python, "-m", "pip", "install", "--quiet", TORCH, f"{wheel}[torch,federation]",
+            external=True,
+        )  # fmt: skip
+        session.log(f"the wheel installed in {time.perf_counter() - started:.0f} s")
+        started = time.perf_counter()
+        outside = work / "outside"
+        outside.mkdir()
+        shutil.copy(source / "tools" / "check_wheel.py", outside)
+        with session.chdir(outside):
+            session.run(
+                python, "check_wheel.py", str(source), str(outside),
+                external=True,
+                env={"TORCH_EXTENSIONS_DIR": str(work / "torch_extensions")},
+            )  # fmt: skip
+        session.log(f"the installed wheel's checks took {time.perf_counter() - started:.0f} s")
 
 
 def _check_sdist_holds_tracked_files(session: nox.Session, sdist: pathlib.Path) -> None:

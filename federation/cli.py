@@ -35,8 +35,10 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from federation.config import ConfigError, load_config, parse_config
 from federation.repro import (
@@ -231,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _repro(arguments, console, display, argv)
         return _federation(arguments, console, display)
     except KeyboardInterrupt:
-        console.print(f"[red]interrupted:[/red] {EXIT_STATUS[EXIT_INTERRUPTED]}")
+        _error(console, "interrupted", EXIT_STATUS[EXIT_INTERRUPTED])
         return EXIT_INTERRUPTED
 
 
@@ -243,7 +245,7 @@ def _federation(arguments: argparse.Namespace, console: Console, display: Consol
         else:
             config = load_config(arguments.config, arguments.overrides)
     except (ConfigError, OSError) as error:
-        console.print(f"[red]configuration error:[/red] {error}")
+        _error(console, "configuration error", error)
         return EXIT_BAD_INPUT
     out = pathlib.Path(arguments.out)
     try:
@@ -254,19 +256,25 @@ def _federation(arguments: argparse.Namespace, console: Console, display: Consol
                 f"results written to {out / 'results.json'}; plot skipped: matplotlib is not "
                 f"installed ({PLOT_EXTRA})",
                 soft_wrap=True,
+                markup=False,
             )
             return EXIT_OK
-        console.print(f"[red]cannot start:[/red] {error}")
+        _error(console, "cannot start", error)
         return EXIT_BAD_INPUT
     except (FileNotFoundError, ImportError, ConfigError) as error:
-        console.print(f"[red]cannot start:[/red] {error}")
+        _error(console, "cannot start", error)
         return EXIT_BAD_INPUT
     except RoundFailedError as error:
-        console.print(f"[red]round failed:[/red] {error}")
+        _error(console, "round failed", error)
         return EXIT_ROUND_FAILED
     display.print(_final_table(result))
-    display.print(f"results: {out / 'results.json'}, plot: {out / 'accuracy.png'}")
+    display.print(f"results: {out / 'results.json'}, plot: {out / 'accuracy.png'}", markup=False)
     return EXIT_OK
+
+
+def _error(console: Console, label: str, message: object) -> None:
+    """One line: ``label`` in red, then ``message`` as it is (brackets are not markup)."""
+    console.print(Text.assemble((f"{label}:", "red"), " ", str(message)))
 
 
 def _is_matplotlib(error: ModuleNotFoundError) -> bool:
@@ -349,14 +357,14 @@ def _run_with_progress(config: Config, arguments: argparse.Namespace, display: C
     steps = progress.add_task("clients", total=None, status="", visible=False)
 
     def stage(text: str) -> None:
-        progress.update(rounds, status=f"[cyan]setup (once): {text}[/cyan]")
+        progress.update(rounds, status=f"[cyan]setup (once): {escape(text)}[/cyan]")
         progress.refresh()
 
     def on_start(simulation: Simulation) -> None:
         setup.update(_build_operator(simulation, stage))
         if setup:
             parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in setup.items())
-            progress.console.print(f"setup: {parts}")
+            progress.console.print(f"setup: {parts}", markup=False)
         progress.update(
             rounds, completed=simulation.rounds_done, status=_first_round_status(simulation)
         )
@@ -381,7 +389,7 @@ def _run_with_progress(config: Config, arguments: argparse.Namespace, display: C
         if arguments.command == "demo":
             config, note = _demo_on_installed(config, arguments.overrides, missing)
             if note:
-                progress.console.print(f"[yellow]{note}[/yellow]")
+                progress.console.print(note, style="yellow", markup=False)
         return run(
             config,
             out_dir=arguments.out,
@@ -416,7 +424,7 @@ def _first_round_status(simulation: Simulation) -> str:
     ]
     if simulation.rounds_done or not compiled:
         return ""
-    return f"[cyan]round 1 compiles the {' and '.join(compiled)} steps, once[/cyan]"
+    return f"[cyan]round 1 compiles the {escape(' and '.join(compiled))} steps, once[/cyan]"
 
 
 def _show_round_clients(progress: Progress, steps: TaskID, simulation: Simulation) -> None:
@@ -434,7 +442,7 @@ def _repro(
 ) -> int:
     """Run or resume a repro profile with a progress bar; write its report if asked."""
     if arguments.workers < 0:
-        console.print(f"[red]--workers must be >= 0; got {arguments.workers}.[/red]")
+        _error(console, "bad argument", f"--workers must be >= 0; got {arguments.workers}.")
         return EXIT_BAD_INPUT
     profile = PROFILES[arguments.profile]
     out = pathlib.Path(arguments.out)
@@ -442,9 +450,9 @@ def _repro(
         try:
             added = import_runs(pathlib.Path(arguments.import_runs), out)
         except (OSError, ValueError) as error:
-            console.print(f"[red]cannot import runs:[/red] {error}")
+            _error(console, "cannot import runs", error)
             return EXIT_BAD_INPUT
-        display.print(f"{added} runs imported from {arguments.import_runs}")
+        display.print(f"{added} runs imported from {arguments.import_runs}", markup=False)
     progress = _progress(display, bar_width=24)
     task = progress.add_task("repro runs", total=profile.run_count, status="")
     done = len(list((out / "runs").glob("*.json"))) if (out / "runs").exists() else 0
@@ -459,7 +467,7 @@ def _repro(
         with progress:
             results = run_profile(profile, out, workers=arguments.workers, on_done=on_done)
     except (FileNotFoundError, ImportError) as error:
-        console.print(f"[red]cannot start:[/red] {error}")
+        _error(console, "cannot start", error)
         return EXIT_BAD_INPUT
     if arguments.report:
         report = pathlib.Path(arguments.report)
@@ -473,14 +481,15 @@ def _repro(
                 f"report written to {report}; plot skipped: matplotlib is not installed "
                 f"({PLOT_EXTRA})",
                 soft_wrap=True,
+                markup=False,
             )
         else:
-            display.print(f"report: {report}, plot: {report.with_suffix('.png')}")
+            display.print(f"report: {report}, plot: {report.with_suffix('.png')}", markup=False)
     if arguments.export_runs:
         export_runs(
             [run for phase in results for run in phase], pathlib.Path(arguments.export_runs)
         )
-        display.print(f"runs: {arguments.export_runs}")
+        display.print(f"runs: {arguments.export_runs}", markup=False)
     return EXIT_OK
 
 

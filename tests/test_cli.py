@@ -106,7 +106,11 @@ def test_a_missing_configuration_file_exits_2_with_one_line(tmp_path, capsys):
     [
         (RoundFailedError("round 3: 1 valid client, fewer than 2"), 1, "round failed: round 3"),
         (KeyboardInterrupt(), 130, "interrupted: interrupted (Ctrl-C)"),
-        (ImportError("the jax clients need their framework"), 2, "cannot start: the jax"),
+        (
+            ImportError("the jax clients need their framework: pip install 'hbn[jax]'"),
+            2,
+            "cannot start: the jax clients need their framework: pip install 'hbn[jax]'\n",
+        ),
         (FileNotFoundError("no such data set"), 2, "cannot start: no such data set"),
     ],
 )
@@ -161,7 +165,7 @@ def test_the_demo_moves_the_clients_of_missing_frameworks_to_an_installed_one():
     assert config.clients.frameworks == {"torch": 10}
     assert config.rounds == 2
     assert note.startswith("JAX and Flax and Keras (")
-    assert "their 6 clients run on PyTorch in this demo (pip install 'hbn[all]'" in note
+    assert "their 6 clients run on PyTorch in this demo (pip install 'hbn[all]' mixes" in note
 
     only_keras = {"torch": ImportError("no torch"), "jax": ImportError("no jax")}
     config, note = cli._demo_on_installed(demo_config([]), [], only_keras)
@@ -217,7 +221,8 @@ def test_a_missing_matplotlib_skips_the_plot_and_says_so(tiny_config, tmp_path):
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert (
         f"results written to {out / 'results.json'}; plot skipped: matplotlib is not installed "
-        "(pip install matplotlib" in printed
+        "(pip install matplotlib, or the federation extra: pip install 'hbn[federation]')"
+        in printed
     )
     assert "cannot start" not in printed
     assert json.loads((out / "results.json").read_text())["rounds"]
@@ -258,4 +263,6 @@ def test_the_demo_prints_no_framework_log_lines(tmp_path):
     noise = [line for line in printed.splitlines() if FRAMEWORK_NOISE.search(line)]
     assert not noise, noise
     if missing:  # the clients of missing frameworks ran on Keras, and the command said so
-        assert f"{' and '.join(missing)} not installed" in " ".join(printed.split())
+        said = " ".join(printed.split())
+        assert f"{' and '.join(missing)} not installed" in said
+        assert "(pip install 'hbn[all]' mixes all three)" in said

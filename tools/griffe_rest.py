@@ -75,15 +75,24 @@ def _reference(target: str, resolve: Callable[[str], str | None]) -> str:
 
 
 class RestToMarkdown(griffe.Extension):
-    """Rewrite every loaded object's docstring with :func:`markdown_from_rest`."""
+    """Rewrite every docstring of a loaded package with :func:`markdown_from_rest`."""
 
-    def on_object(self, *, obj: griffe.Object, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
-        """Rewrite ``obj``'s docstring once the whole package is loaded (names resolve)."""
+    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+        """Rewrite every docstring of the loaded package (names resolve), its own included."""
         del loader, kwargs
-        if obj.docstring is not None:
-            obj.docstring.value = markdown_from_rest(
-                obj.docstring.value, lambda name: _identifier(obj, name)
-            )
+        _rewrite(pkg)
+
+
+def _rewrite(obj: griffe.Object | griffe.Alias) -> None:
+    """Rewrite the docstrings of ``obj`` and of the members it defines (not imported ones)."""
+    if obj.is_alias:
+        return
+    if obj.docstring is not None:
+        obj.docstring.value = markdown_from_rest(
+            obj.docstring.value, lambda name: _identifier(obj, name)
+        )
+    for member in obj.members.values():
+        _rewrite(member)
 
 
 def _identifier(obj: griffe.Object, name: str) -> str | None:
