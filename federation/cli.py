@@ -91,7 +91,7 @@ _NATIVE_NOTICE = re.compile(
     r"|[IW]\d{4} [\d:.]+ +\d+ [\w./-]+:\d+\] "
     r"|\d{4}-\d\d-\d\d [\d:.]+: [IW] [\w./-]+:\d+\] "
 )
-FRAMEWORK_LABELS = {"torch": "PyTorch", "jax": "JAX and Flax"}
+FRAMEWORK_LABELS = {"torch": "PyTorch", "jax": "JAX/Flax"}
 # The frameworks whose clients compile their steps (jit, tf.function) in their first round.
 COMPILED_FRAMEWORKS = {"jax": "JAX", "keras": "Keras"}
 DEMO_EXTRA = "pip install 'hbn[all]'"

@@ -164,7 +164,7 @@ def test_the_demo_moves_the_clients_of_missing_frameworks_to_an_installed_one():
     config, note = cli._demo_on_installed(demo_config(["rounds=2"]), ["rounds=2"], missing)
     assert config.clients.frameworks == {"torch": 10}
     assert config.rounds == 2
-    assert note.startswith("JAX and Flax and Keras (")
+    assert note.startswith("JAX/Flax and Keras (")
     assert "their 6 clients run on PyTorch in this demo (pip install 'hbn[all]' mixes" in note
 
     only_keras = {"torch": ImportError("no torch"), "jax": ImportError("no jax")}
@@ -252,11 +252,14 @@ def test_the_display_names_the_one_time_costs_before_the_first_round(tiny_config
 def test_the_demo_prints_no_framework_log_lines(tmp_path):
     missing = [
         label
-        for label, module in (("PyTorch", "torch"), ("JAX and Flax", "flax"))
+        for label, module in (("PyTorch", "torch"), ("JAX/Flax", "flax"))
         if importlib.util.find_spec(module) is None
     ]
     out = tmp_path / "demo"
-    completed = hbn_fed("demo", "--set", "rounds=1", "--set", "train.epochs=1", "--out", str(out))
+    completed = hbn_fed(
+        "demo", "--set", "rounds=1", "--set", "train.epochs=1", "--set", "train.batch_size=64",
+        "--out", str(out),
+    )  # fmt: skip
     printed = completed.stdout + completed.stderr
     assert completed.returncode == 0, printed
     assert json.loads((out / "results.json").read_text())["rounds"][0]["round"] == 1
