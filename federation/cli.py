@@ -96,6 +96,9 @@ FRAMEWORK_LABELS = {"torch": "PyTorch", "jax": "JAX/Flax"}
 COMPILED_FRAMEWORKS = {"jax": "JAX", "keras": "Keras"}
 DEMO_EXTRA = "pip install 'hbn[all]'"
 PLOT_EXTRA = "pip install matplotlib, or the federation extra: pip install 'hbn[federation]'"
+EXIT_STATUS_HELP = "exit status:\n" + "\n".join(
+    f"  {code:<4} {meaning}" for code, meaning in EXIT_STATUS.items()
+)
 
 
 def quiet_framework_logs() -> None:
@@ -142,16 +145,11 @@ def _version() -> str:
         return "(version unknown: the hbn package is not installed; running from a source tree)"
 
 
-def _exit_status_help() -> str:
-    lines = [f"  {code:<4} {meaning}" for code, meaning in EXIT_STATUS.items()]
-    return "exit status:\n" + "\n".join(lines)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hbn-fed",
         description="Federated learning with Hybrid Batch Normalisation.",
-        epilog=_exit_status_help(),
+        epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"hbn-fed {_version()}")
@@ -159,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     run_command = commands.add_parser(
         "run",
         help="run the federation a TOML file describes",
-        epilog=_exit_status_help(),
+        epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run_command.add_argument("config", help="the TOML configuration (see docs/federation.md)")
@@ -167,13 +165,13 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="a mixed torch + JAX + Keras HBN federation on digits",
-        epilog=_exit_status_help(),
+        epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     repro = commands.add_parser(
         "repro",
         help="every method on every setting, with 95%% CIs",
-        epilog=_exit_status_help(),
+        epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     repro.add_argument("--profile", choices=sorted(PROFILES), default="full")
@@ -355,6 +353,7 @@ def _run_with_progress(config: Config, arguments: argparse.Namespace, display: C
     progress = _progress(display, bar_width=16)
     rounds = progress.add_task("rounds", total=config.rounds, status="")
     steps = progress.add_task("clients", total=None, status="", visible=False)
+    setup: dict[str, float] = {}  # seconds of each one-time cost, by what it was
 
     def stage(text: str) -> None:
         progress.update(rounds, status=f"[cyan]setup (once): {escape(text)}[/cyan]")
@@ -383,9 +382,10 @@ def _run_with_progress(config: Config, arguments: argparse.Namespace, display: C
         progress.update(steps, completed=0, visible=record.round < config.rounds)
 
     with progress:
-        setup, missing = _import_frameworks(
+        imported, missing = _import_frameworks(
             [config.eval_framework, *config.client_frameworks], stage
         )
+        setup.update(imported)
         if arguments.command == "demo":
             config, note = _demo_on_installed(config, arguments.overrides, missing)
             if note:
