@@ -610,7 +610,9 @@ class HybridBatchNorm(nn.Module):
         global_mean = _read(self, buffers, "global_mean")
         global_var = _read(self, buffers, "global_var")
         if x.numel() == 0:
-            return self._empty_batch(x, weight, bias, update_running_stats=update_running_stats)
+            return self._empty_batch(
+                x, weight, bias, alpha, update_running_stats=update_running_stats
+            )
         fused = self._fused_kernels_apply(x, alpha, global_mean, global_var)
         if fused and self._compiled_kernel_applies(x, weight, bias, update_running_stats):
             running = ("running_mean", "running_var", "num_batches_tracked")
@@ -649,19 +651,22 @@ class HybridBatchNorm(nn.Module):
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
+        alpha: torch.Tensor,
         *,
         update_running_stats: bool,
     ) -> torch.Tensor:
         """The output of a batch without elements: empty, as torch's BatchNorm gives it.
 
-        Like torch's, it is computed from ``weight`` and ``bias`` (which get zero gradients),
-        and the batch counts in ``num_batches_tracked`` while the running statistics stay.
+        As torch's, it is computed from every learnable parameter (``weight``, ``bias`` and
+        ``alpha`` here), which all get zero gradients, and the batch counts in
+        ``num_batches_tracked`` while the running statistics stay.
         """
         if update_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = x.clone() if weight is None else x * weight.view(shape)
+        y = x + alpha.view(shape)  # empty: no value is mixed, alpha only takes part
+        y = y if weight is None else y * weight.view(shape)
         return y if bias is None else y + bias.view(shape)
 
     def _fused_kernels_apply(
