@@ -392,19 +392,28 @@ def compiled_kernel_available() -> bool:
     return True
 
 
-_ABSENT = object()
+_STATE = ("weight", "bias", "alpha", "global_mean", "global_var")
 
 
-def _read(module: nn.Module, store: dict[str, Any], name: str) -> Any:
-    """``getattr(module, name)``, from nn.Module's dict ``store`` when the name is there.
+def _state(module: HybridBatchNorm) -> tuple[Any, ...]:
+    """``weight``, ``bias``, ``alpha``, ``global_mean`` and ``global_var`` of ``module``.
 
-    nn.Module's ``__getattr__`` costs about 0.4 us a name, and the compiled path's whole fixed
-    cost is a few tens of us. A name is missing from the dict when
+    From nn.Module's dicts: its ``__getattr__`` costs about 0.4 us a name, and the compiled
+    path's whole fixed cost is a few tens of us. A name is missing from them when
     ``torch.nn.utils.parametrize`` or ``torch.nn.utils.prune`` has replaced it by a computed
-    tensor; attribute access reads that.
+    tensor; then every name is read by attribute access, which computes it.
     """
-    value = store.get(name, _ABSENT)
-    return getattr(module, name) if value is _ABSENT else value
+    parameters, buffers = module._parameters, module._buffers
+    try:
+        return (
+            parameters["weight"],
+            parameters["bias"],
+            parameters["alpha"],
+            buffers["global_mean"],
+            buffers["global_var"],
+        )
+    except KeyError:
+        return tuple(getattr(module, name) for name in _STATE)
 
 
 def _under_vmap() -> bool:
@@ -579,19 +588,14 @@ class HybridBatchNorm(nn.Module):
             )
             raise ValueError(msg)
 
-    def _checked_eps(self, *, training: bool) -> float:
-        """``eps``, checked as torch's BatchNorm checks it, and also refused when not finite."""
-        eps = self.eps
-        if training and not 0 < eps < math.inf:
-            msg = (
-                f"{type(self).__name__}: eps must be positive and finite during training; "
-                f"got {eps!r}"
-            )
-            raise ValueError(msg)
-        if not 0 <= eps < math.inf:
-            msg = f"{type(self).__name__}: eps must be non-negative and finite; got {eps!r}"
-            raise ValueError(msg)
-        return eps
+    def _refuse_eps(self, *, training: bool) -> None:
+        """Raise the ``ValueError`` for an ``eps`` that this mode cannot normalise with.
+
+        As torch's BatchNorm: positive in training, non-negative in eval; and finite.
+        """
+        expected = "positive and finite during training" if training else "non-negative and finite"
+        msg = f"{type(self).__name__}: eps must be {expected}; got {self.eps!r}"
+        raise ValueError(msg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise ``x``: hybrid statistics in training mode, global ones in eval mode."""
@@ -603,26 +607,27 @@ class HybridBatchNorm(nn.Module):
         return self._inference(x)
 
     def _hybrid(self, x: torch.Tensor, *, update_running_stats: bool) -> torch.Tensor:
-        eps = self._checked_eps(training=True)
-        parameters, buffers = self._parameters, self._buffers
-        weight, bias = _read(self, parameters, "weight"), _read(self, parameters, "bias")
-        alpha = _read(self, parameters, "alpha")
-        global_mean = _read(self, buffers, "global_mean")
-        global_var = _read(self, buffers, "global_var")
+        eps = self.eps
+        if not 0 < eps < math.inf:
+            self._refuse_eps(training=True)
+        weight, bias, alpha, global_mean, global_var = _state(self)
         if x.numel() == 0:
             return self._empty_batch(
                 x, weight, bias, alpha, update_running_stats=update_running_stats
             )
         fused = self._fused_kernels_apply(x, alpha, global_mean, global_var)
         if fused and self._compiled_kernel_applies(x, weight, bias, update_running_stats):
+            if weight is None or bias is None:
+                weight, bias = self._affine(weight, bias, alpha)
+            buffers = self._buffers
             running = ("running_mean", "running_var", "num_batches_tracked")
             return torch.ops.hbn.hybrid_batch_norm.default(
-                x, *self._affine(weight, bias, alpha), alpha, global_mean, global_var,
+                x, weight, bias, alpha, global_mean, global_var,
                 *(buffers[name] if update_running_stats else None for name in running),
                 self.momentum, eps,
             )  # fmt: skip
         scale, offset = self._affine(weight, bias, alpha)
-        if fused:
+        if fused and not _under_vmap():
             batch_mean, batch_var = torch.batch_norm_update_stats(x.detach(), None, None, 0.0)
             y = _FusedHybridBatchNormFunction.apply(
                 x, scale, offset, alpha, batch_mean, batch_var, global_mean, global_var, eps
@@ -676,7 +681,10 @@ class HybridBatchNorm(nn.Module):
         global_mean: torch.Tensor,
         global_var: torch.Tensor,
     ) -> bool:
-        """Whether torch's fused batch-norm kernels serve this call (one float dtype, CPU/CUDA)."""
+        """Whether torch's fused batch-norm kernels serve this call (one float dtype, CPU/CUDA).
+
+        Outside ``torch.func.vmap`` (see :func:`_under_vmap`), which the caller checks last.
+        """
         dtype = x.dtype
         return (
             self.use_fused_kernels
@@ -685,7 +693,6 @@ class HybridBatchNorm(nn.Module):
             and alpha.dtype is dtype
             and global_mean.dtype is dtype
             and global_var.dtype is dtype
-            and not _under_vmap()
         )
 
     def _compiled_kernel_applies(
@@ -722,7 +729,9 @@ class HybridBatchNorm(nn.Module):
         )
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
-        eps = self._checked_eps(training=False)
+        eps = self.eps
+        if not 0 <= eps < math.inf:
+            self._refuse_eps(training=False)
         scale, offset = self._affine(self.weight, self.bias, self.alpha)
         return hbn_core.hbn_inference(
             x, scale, offset, self.global_mean, self.global_var, eps=eps, xp=torch_xp

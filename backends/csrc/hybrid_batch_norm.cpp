@@ -241,10 +241,10 @@ class HybridBatchNorm : public torch::autograd::Function<HybridBatchNorm> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, c] = forward_values(x, weight, bias, alpha, global_mean, global_var, running_mean,
                                  running_var, num_batches_tracked, momentum, eps);
-    // The inputs, for the composite backward, then the per-channel vectors of the fast one.
-    ctx->save_for_backward({x, weight, alpha, global_mean, global_var, c.weight, c.batch_mean,
-                            c.batch_var, c.global_mean, c.global_var, c.global_weight,
-                            c.batch_weight});
+    // The inputs (the composite backward differentiates through them), then the batch
+    // statistics and the weights of the fast backward.
+    ctx->save_for_backward({x, weight, alpha, global_mean, global_var, c.batch_mean, c.batch_var,
+                            c.global_weight, c.batch_weight});
     ctx->saved_data["eps"] = eps;
     return {y};
   }
@@ -257,7 +257,8 @@ class HybridBatchNorm : public torch::autograd::Function<HybridBatchNorm> {
       std::vector<at::Tensor> g = composite_gradients(grads[0], saved, eps);
       return {g[0], g[1], g[2], g[3], none, none, none, none, none, none, none};
     }
-    Channels c{saved[5], saved[6], saved[7], saved[8], saved[9], saved[10], saved[11]};
+    Channels c{saved[1].contiguous(), saved[5], saved[6], saved[3].contiguous(),
+               saved[4].contiguous(), saved[7], saved[8]};
     auto [dx, dweight, dbias, dalpha] =
         backward_values(grads[0].contiguous(), saved[0], c, eps);
     return {dx, dweight, dbias, dalpha, none, none, none, none, none, none, none};
