@@ -416,13 +416,20 @@ def _state(module: HybridBatchNorm) -> tuple[Any, ...]:
         return tuple(getattr(module, name) for name in _STATE)
 
 
-def _under_vmap() -> bool:
-    """Whether a ``torch.func.vmap`` is running: torch's fused statistics have no batch rule."""
-    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+def _fused_function_applies() -> bool:
+    """Whether the Python form of the fast path can run here.
+
+    Not under ``torch.func.vmap``: torch's fused statistics kernel has no batch rule. Not under
+    ``torch.export``, which traces the Function's forward with gradients on, where torch's
+    inference kernel refuses statistics that require grad. The core path serves both.
+    """
+    if torch.compiler.is_exporting():
         return False
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return True
     vmap = torch._C._functorch.TransformType.Vmap
     levels = torch._C._functorch.get_interpreter_stack() or ()
-    return any(level.key() == vmap for level in levels)
+    return all(level.key() != vmap for level in levels)
 
 
 class HybridBatchNorm(nn.Module):
@@ -490,9 +497,9 @@ class HybridBatchNorm(nn.Module):
     use_fused_kernels: bool = True
     """Train with torch's fused batch-norm kernels fed with the core's statistics (the fast
     path) where they apply: float32 or float64 input with parameters and buffers of its dtype,
-    on CPU or CUDA, outside ``torch.func.vmap``. Otherwise, or when set to False, the layer
-    calls hbn_core's forward and backward directly. All paths compute the same math and pass
-    the same tests."""
+    on CPU or CUDA, outside ``torch.func.vmap`` and ``torch.export``. Otherwise, or when set to
+    False, the layer calls hbn_core's forward and backward directly. All paths compute the same
+    math and pass the same tests."""
     use_compiled_kernel: bool = True
     """On the fast path, run it as one C++ operator, ``hbn::hybrid_batch_norm`` (see
     :func:`compiled_kernel_available`), in eager mode. Under ``torch.compile`` and ``torch.func``
@@ -627,7 +634,7 @@ class HybridBatchNorm(nn.Module):
                 self.momentum, eps,
             )  # fmt: skip
         scale, offset = self._affine(weight, bias, alpha)
-        if fused and not _under_vmap():
+        if fused and _fused_function_applies():
             batch_mean, batch_var = torch.batch_norm_update_stats(x.detach(), None, None, 0.0)
             y = _FusedHybridBatchNormFunction.apply(
                 x, scale, offset, alpha, batch_mean, batch_var, global_mean, global_var, eps
@@ -683,7 +690,8 @@ class HybridBatchNorm(nn.Module):
     ) -> bool:
         """Whether torch's fused batch-norm kernels serve this call (one float dtype, CPU/CUDA).
 
-        Outside ``torch.func.vmap`` (see :func:`_under_vmap`), which the caller checks last.
+        Its Python form also needs :func:`_fused_function_applies`, which the caller checks
+        last.
         """
         dtype = x.dtype
         return (

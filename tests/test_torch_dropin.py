@@ -468,3 +468,32 @@ def test_large_alpha_gradients_in_float32_equal_float64(alpha, path):
     assert (expected_dalpha.abs() > 0).all()
     torch.testing.assert_close(dalpha, expected_dalpha, rtol=1e-4, atol=0)
     torch.testing.assert_close(grads[0].double(), expected[0], rtol=1e-4, atol=1e-4)
+
+
+# --- torch.export ---------------------------------------------------------------------------
+
+
+@PATHS
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_export_matches_eager(training, path):
+    """In training, the exported program normalises, differentiates and updates as eager."""
+    torch.manual_seed(15)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), hbn_torch.HybridBatchNorm2d(4))
+    model = model.double().train(training)
+    with torch.no_grad():
+        model[1].alpha.normal_(), model[1].global_var.uniform_(0.5, 2)
+    use_path(model, path)
+    eager = copy.deepcopy(model)
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    exported = torch.export.export(model, (x,)).module()
+    y, expected = exported(x), eager(x)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    # In eval mode alpha takes no part: zeros for it in both.
+    grads = torch.autograd.grad(y.pow(3).sum(), list(exported.parameters()), materialize_grads=True)
+    expected_grads = torch.autograd.grad(
+        expected.pow(3).sum(), list(eager.parameters()), materialize_grads=True
+    )
+    for actual, reference in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(actual, reference, rtol=1e-10, atol=1e-12)
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[name], value, rtol=1e-12, atol=0)
