@@ -346,6 +346,7 @@ def test_parametrize_on_weight_or_alpha_trains(name, path):
     torch.testing.assert_close(grad, 2 * expected_grad, rtol=1e-10, atol=1e-10)
     for buffer in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(layer, buffer), getattr(plain, buffer))
+    torch.testing.assert_close(layer.eval()(x), plain.eval()(x), rtol=1e-12, atol=1e-12)
 
 
 @PATHS
@@ -367,6 +368,7 @@ def test_prune_on_weight_or_alpha_trains(name, path):
     (grad,) = torch.autograd.grad(y.pow(3).sum(), getattr(layer, f"{name}_orig"))
     (expected_grad,) = torch.autograd.grad(expected.pow(3).sum(), getattr(plain, name))
     torch.testing.assert_close(grad, mask * expected_grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.eval()(x), plain.eval()(x), rtol=1e-12, atol=1e-12)
 
 
 # --- vmap over stacked models ---------------------------------------------------------------
@@ -497,3 +499,62 @@ def test_torch_export_matches_eager(training, path):
         torch.testing.assert_close(actual, reference, rtol=1e-10, atol=1e-12)
     for name, value in eager.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[name], value, rtol=1e-12, atol=0)
+
+
+# --- torch.func.jacrev, half precision ------------------------------------------------------
+
+
+@PATHS
+def test_jacrev_equals_autograd_rows(path):
+    layer = random_layer(hbn_torch.HybridBatchNorm1d, 3, seed=16, track_running_stats=False)
+    use_path(layer, path)
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def per_channel_sum(alpha, x):
+        parameters = {"weight": layer.weight, "bias": layer.bias, "alpha": alpha}
+        return torch.func.functional_call(layer, parameters, (x,)).pow(3).sum(dim=0)
+
+    alpha = layer.alpha.detach()
+    jacobians = torch.func.jacrev(per_channel_sum, argnums=(0, 1))(alpha, x)
+    leaves = [alpha.clone().requires_grad_(True), x.clone().requires_grad_(True)]
+    out = per_channel_sum(*leaves)
+    for row in range(3):
+        expected = torch.autograd.grad(out[row], leaves, retain_graph=True)
+        for jacobian, reference in zip(jacobians, expected, strict=True):
+            torch.testing.assert_close(jacobian[row], reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_trains_on_the_core_path_in_float32(dtype):
+    layer = random_layer(hbn_torch.HybridBatchNorm2d, 3, seed=17).to(dtype)
+    x = torch.randn(6, 3, 4, 4).to(dtype).requires_grad_(True)
+    y = layer(x)
+    assert y.dtype == dtype
+    assert type(y.grad_fn).__name__ == "_HybridBatchNormFunctionBackward"
+    x64, *state = (t.detach().double().requires_grad_(True) for t in (x, layer.weight, layer.alpha))
+    expected = composition(
+        x64, state[0], layer.bias.double(), state[1], layer.global_mean.double(),
+        layer.global_var.double(),
+    )  # fmt: skip
+    torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)
+    grads = torch.autograd.grad(y.float().pow(2).sum(), [x, layer.weight, layer.alpha])
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), [x64, *state])
+    for actual, reference in zip(grads, expected_grads, strict=True):
+        scale = 1 + reference.abs().max()
+        torch.testing.assert_close(actual.double(), reference, rtol=5e-2, atol=5e-2 * scale)
+
+
+def test_autocast_bfloat16_trains_as_in_float32():
+    torch.manual_seed(18)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), hbn_torch.HybridBatchNorm2d(3))
+    x = torch.randn(4, 2, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    reference = copy.deepcopy(model)
+    expected = reference(x)
+    torch.testing.assert_close(y.float(), expected, rtol=5e-2, atol=5e-2)
+    grads = torch.autograd.grad(y.float().sum(), list(model.parameters()))
+    expected_grads = torch.autograd.grad(expected.sum(), list(reference.parameters()))
+    for actual, ref in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(actual, ref, rtol=5e-2, atol=5e-2 * (1 + ref.abs().max()))
