@@ -5,9 +5,11 @@ as it trains by default (its fast path as one C++ operator), the same fast path 
 ``torch.autograd.Function``, the layer calling hbn_core directly, an HBN written as a plain
 autograd composition (the way the authors' layer is written), and the floor of any layer with a
 Python custom gradient (a ``torch.autograd.Function`` that only copies its input). Time is
-forward+backward, median over repeats after warm-up. Memory is the peak resident memory that one
-training step of a small CNN adds, each variant in a fresh process, and the bytes autograd saves
-for backward in that step.
+forward+backward, median over repeats after warm-up; a second table times a gradient-penalty step
+(a double backward) of BatchNorm, HBN and the autograd HBN. Memory is the peak resident memory
+that one training step of a small CNN adds, each variant in a fresh process, and the bytes
+autograd saves for backward in that step. ``python benchmarks/torch_layer.py`` runs this file
+alone and prints its section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -114,6 +116,41 @@ def time_layers(repeats: int) -> list[dict]:
     return rows
 
 
+SECOND_ORDER = ["batchnorm", "hbn", "hbn-autograd"]
+
+
+def gradient_penalty_step(
+    layer: nn.Module, x: torch.Tensor, dy: torch.Tensor
+) -> Callable[[], object]:
+    """One step of a gradient penalty (WGAN-GP, input-gradient regularisers) through ``layer``.
+
+    ``dL/dx`` with ``create_graph=True``, then the gradients of its squared norm with respect
+    to ``x`` and every parameter: a double backward.
+    """
+    inputs = [x, *layer.parameters()]
+
+    def step() -> object:
+        (dx,) = torch.autograd.grad(layer(x), x, dy, create_graph=True)
+        return torch.autograd.grad(dx.square().sum(), inputs, allow_unused=True)
+
+    return step
+
+
+def time_second_order(repeats: int) -> list[dict]:
+    """Median gradient-penalty step time of BatchNorm, HBN and autograd HBN at each shape."""
+    rows = []
+    for shape in SHAPES:
+        torch.manual_seed(0)
+        x = torch.randn(shape, requires_grad=True)
+        dy = torch.randn(shape)
+        steps = {
+            variant: gradient_penalty_step(make_norm(variant, shape[1], len(shape)), x, dy)
+            for variant in SECOND_ORDER
+        }
+        rows.append({"shape": shape, **median_ms(steps, repeats)})
+    return rows
+
+
 def small_cnn(variant: str) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1), make_norm(variant, 32, 4), nn.ReLU(),
@@ -180,7 +217,9 @@ def measure_memory(processes: int = 3) -> dict[str, dict]:
     }
 
 
-def markdown(rows: list[dict], memory: dict[str, dict], repeats: int) -> list[str]:
+def markdown(
+    rows: list[dict], second_order: list[dict], memory: dict[str, dict], repeats: int
+) -> list[str]:
     """The section of docs/benchmarks.md for the torch layer."""
     lines = [
         "## backends.torch: HybridBatchNorm against nn.BatchNorm",
@@ -207,6 +246,22 @@ def markdown(rows: list[dict], memory: dict[str, dict], repeats: int) -> list[st
         base = row["batchnorm"]
         cells = [f"{row[v]:.3f} | {row[v] / base:.2f}" for v in TIMED[1:]]
         lines.append(f"| {row['shape']} | {base:.3f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Second order: one gradient-penalty step (`dL/dx` with `create_graph=True`, then the "
+        "gradients of its squared norm for the input and every parameter), float32 CPU, same "
+        "timing rule. `hbn` then takes its differentiable backward (hbn_core's forward and "
+        "backward as torch ops, which autograd differentiates again) on every path.",
+        "",
+        "| shape | BatchNorm (ms) | "
+        + " | ".join(f"{variant} (ms) | ratio" for variant in SECOND_ORDER[1:])
+        + " |",
+        "|---|---:|" + "---:|---:|" * len(SECOND_ORDER[1:]),
+    ]
+    for row in second_order:
+        base = row["batchnorm"]
+        cells = [f"{row[v]:.3f} | {row[v] / base:.2f}" for v in SECOND_ORDER[1:]]
+        lines.append(f"| {row['shape']} | {base:.3f} | " + " | ".join(cells) + " |")
     base = memory["batchnorm"]
     lines += [
         "",
@@ -232,9 +287,13 @@ def run(repeats: int) -> list[str]:
     rows = time_layers(repeats)
     for row in rows:
         print(row["shape"], {v: round(row[v] / row["batchnorm"], 2) for v in TIMED[1:]})
+    second_order = time_second_order(repeats)
+    for row in second_order:
+        ratios = {v: round(row[v] / row["batchnorm"], 2) for v in SECOND_ORDER[1:]}
+        print(row["shape"], "second order", ratios)
     memory = measure_memory()
     print(memory)
-    return markdown(rows, memory, repeats)
+    return markdown(rows, second_order, memory, repeats)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,10 @@ class HBNResiduals(NamedTuple):
         :math:`r = 1/\sqrt{\hat\sigma^2 + \epsilon}`.
     global_weight
         :math:`w = \operatorname{sigmoid}(\alpha)`.
+    batch_weight
+        :math:`1 - w`, computed as :math:`\operatorname{sigmoid}(-\alpha)`, which keeps its
+        relative precision where :math:`w` rounds to 1 (``alpha >= 16`` in float32) and
+        ``1 - global_weight`` loses it.
     scale
         :math:`\gamma`, in the dtype of the learnable parameters (which the gradients take).
     mean_gap
@@ -60,6 +64,7 @@ class HBNResiduals(NamedTuple):
     x_hat: Array
     inv_std: Array
     global_weight: Array
+    batch_weight: Array
     scale: Array
     mean_gap: Array
     var_gap: Array
@@ -175,6 +180,7 @@ def hbn_forward(
         x_hat=x_hat,
         inv_std=xp.reshape(inv_std, shape),
         global_weight=xp.reshape(global_weight, shape),
+        batch_weight=xp.reshape(batch_weight, shape),
         scale=xp.reshape(scale, shape),
         mean_gap=xp.reshape(mean_gap, shape),
         var_gap=xp.reshape(var_gap, shape),
@@ -247,7 +253,7 @@ def hbn_backward(
         {"dy": dy, **{f"residuals.{k}": v for k, v in residuals._asdict().items()}}, xp
     )
     check_floating("dy", dy, xp)
-    x_hat, inv_std, w, scale, mean_gap, var_gap = residuals
+    x_hat, inv_std, w, batch_weight, scale, mean_gap, var_gap = residuals
     if tuple(dy.shape) != tuple(x_hat.shape):
         msg = (
             f"`dy` must have the shape of the forward's input {tuple(x_hat.shape)}; "
@@ -264,11 +270,11 @@ def hbn_backward(
     s1, s2 = gamma * doffset, gamma * dscale
     # dx = r*gamma*g - r*(1-w)/n*S2*x_hat - r*(1-w)/n*(S1 + w*r*S2*(mu_G - mu_B)): per-channel
     # coefficients first, so that only three passes touch arrays of the input's size.
-    batch_share = inv_std * (1 - w) / count
+    batch_share = inv_std * batch_weight / count
     dx = (inv_std * gamma) * g - (batch_share * s2) * x_hat
     dx = dx - batch_share * (s1 + w * inv_std * s2 * mean_gap)
     dweight = -inv_std * s1 * mean_gap - 0.5 * inv_std * inv_std * s2 * var_gap
-    dalpha = w * (1 - w) * dweight
+    dalpha = w * batch_weight * dweight
     return (
         xp.astype(dx, dy.dtype, copy=False),
         _per_channel(dscale, scale.dtype, xp=xp),

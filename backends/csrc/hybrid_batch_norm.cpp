@@ -14,16 +14,24 @@
 //   dx = weight r g - (1-w) (r/n) [S1 + r S2 (x - mu_B)],  S1 = weight sum(g),
 //        S2 = weight sum(g x_hat)
 //   dalpha = w (1-w) r [S1 (mu_B - mu_G) + r S2 (var_B - var_G) / 2]
+//
+// The backward's loops are not differentiable. When autograd records the backward (create_graph,
+// for second-order gradients) or functorch batches its gradients (vmap, batched gradcheck), it
+// calls hbn::hybrid_batch_norm_gradients instead: hbn_core's forward and backward on torch ops,
+// which backends/torch.py registers in Python when it loads this operator.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -66,6 +74,9 @@ std::pair<at::Tensor, at::Tensor> mix(Channels& c, const at::Tensor& alpha) {
 void update_running_statistics(const at::Tensor& running_mean, const at::Tensor& running_var,
                                const at::Tensor& num_batches_tracked,
                                c10::optional<double> momentum, const Channels& c, int64_t count) {
+  TORCH_CHECK(num_batches_tracked.scalar_type() == at::kLong,
+              "hbn::hybrid_batch_norm takes an int64 num_batches_tracked; got ",
+              num_batches_tracked.scalar_type());
   const int64_t batches = ++*num_batches_tracked.data_ptr<int64_t>();
   const double factor = momentum.has_value() ? *momentum : 1.0 / static_cast<double>(batches);
   const double bessel = static_cast<double>(count) / std::max<int64_t>(count - 1, 1);
@@ -88,6 +99,10 @@ std::pair<at::Tensor, Channels> forward_values(
     const c10::optional<at::Tensor>& num_batches_tracked, c10::optional<double> momentum,
     double eps) {
   TORCH_CHECK(x.is_cpu(), "hbn::hybrid_batch_norm takes CPU tensors; got ", x.device());
+  TORCH_CHECK(eps > 0 && std::isfinite(eps),
+              "hbn::hybrid_batch_norm: eps must be positive and finite during training; got ", eps);
+  TORCH_CHECK(x.numel() > 0, "hbn::hybrid_batch_norm takes a non-empty input; got shape ",
+              x.sizes());
   auto [batch_mean, batch_var] = at::batch_norm_update_stats(x, {}, {}, 0.0);
   Channels c{weight.contiguous(), batch_mean, batch_var, global_mean.contiguous(),
              global_var.contiguous()};
@@ -191,6 +206,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_values(
   return {input_gradient(dy, x, a, b, d), dweight, dbias, dalpha};
 }
 
+// hbn_core's gradients on torch ops (registered from backends/torch.py): dx, dweight, dbias, dalpha.
+std::vector<at::Tensor> composite_gradients(const at::Tensor& dy, const variable_list& saved,
+                                            double eps) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("hbn::hybrid_batch_norm_gradients", "")
+          .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         double)>();
+  return op.call(dy, saved[0], saved[1], saved[2], saved[3], saved[4], eps);
+}
+
+// Whether the backward must be differentiable or batchable: autograd records it (create_graph),
+// or the gradient is a batched or functorch tensor (vmap over the backward, as
+// torch.autograd.grad(is_grads_batched=True) and batched gradcheck do).
+bool needs_composite_backward(const at::Tensor& dy) {
+  constexpr auto wrapped = c10::DispatchKeySet({c10::DispatchKey::Batched,
+                                                c10::DispatchKey::FuncTorchBatched,
+                                                c10::DispatchKey::FuncTorchGradWrapper});
+  return c10::GradMode::is_enabled() || dy.key_set().has_any(wrapped);
+}
+
 class HybridBatchNorm : public torch::autograd::Function<HybridBatchNorm> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
@@ -204,7 +241,9 @@ class HybridBatchNorm : public torch::autograd::Function<HybridBatchNorm> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, c] = forward_values(x, weight, bias, alpha, global_mean, global_var, running_mean,
                                  running_var, num_batches_tracked, momentum, eps);
-    ctx->save_for_backward({x, c.weight, c.batch_mean, c.batch_var, c.global_mean, c.global_var,
+    // The inputs (the composite backward differentiates through them), then the batch
+    // statistics and the weights of the fast backward.
+    ctx->save_for_backward({x, weight, alpha, global_mean, global_var, c.batch_mean, c.batch_var,
                             c.global_weight, c.batch_weight});
     ctx->saved_data["eps"] = eps;
     return {y};
@@ -212,10 +251,16 @@ class HybridBatchNorm : public torch::autograd::Function<HybridBatchNorm> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list saved = ctx->get_saved_variables();
-    Channels c{saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7]};
-    auto [dx, dweight, dbias, dalpha] =
-        backward_values(grads[0].contiguous(), saved[0], c, ctx->saved_data["eps"].toDouble());
+    const double eps = ctx->saved_data["eps"].toDouble();
     at::Tensor none;
+    if (needs_composite_backward(grads[0])) {
+      std::vector<at::Tensor> g = composite_gradients(grads[0], saved, eps);
+      return {g[0], g[1], g[2], g[3], none, none, none, none, none, none, none};
+    }
+    Channels c{saved[1].contiguous(), saved[5], saved[6], saved[3].contiguous(),
+               saved[4].contiguous(), saved[7], saved[8]};
+    auto [dx, dweight, dbias, dalpha] =
+        backward_values(grads[0].contiguous(), saved[0], c, eps);
     return {dx, dweight, dbias, dalpha, none, none, none, none, none, none, none};
   }
 };
@@ -238,6 +283,10 @@ TORCH_LIBRARY(hbn, m) {
       "Tensor global_mean, Tensor global_var, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps) "
       "-> Tensor");
+  // Implemented in Python (backends/torch.py): hbn_core's gradients on torch ops.
+  m.def(
+      "hybrid_batch_norm_gradients(Tensor dy, Tensor x, Tensor weight, Tensor alpha, "
+      "Tensor global_mean, Tensor global_var, float eps) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(hbn, CPU, m) { m.impl("hybrid_batch_norm", &hybrid_batch_norm_values); }
