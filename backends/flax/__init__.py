@@ -3,7 +3,9 @@
 The training forward and backward are :func:`hbn_core.hbn_forward` and
 :func:`hbn_core.hbn_backward`, wired with :func:`jax.custom_vjp`; inference is
 :func:`hbn_core.hbn_inference`. The layer works under ``jax.jit``, ``jax.grad``, ``nnx.jit``,
-``nnx.grad`` and ``jax.vmap``. Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) is not
+``nnx.grad``, ``jax.vmap`` and ``nnx.vmap``, and ``nnx.view`` sets its mode as it sets
+``nnx.BatchNorm``'s. Second-order gradients (reverse over reverse, and ``jax.hessian``) are exact.
+Forward-mode autodiff of the training forward itself (``jax.jvp``, ``jax.jacfwd``) is not
 available through a custom VJP: it raises a ``TypeError`` rather than returning wrong numbers.
 
 Examples
