@@ -51,8 +51,8 @@ __all__ = [
 ]
 
 
-# During collect_statistics: id(layer) -> (mode, record(inputs)); empty otherwise.
-_RECORDERS: dict[int, tuple[CollectionMode, Callable[[Any], None]]] = {}
+# During collect_statistics: id(layer) -> (mode, record(inputs, mask)); empty otherwise.
+_RECORDERS: dict[int, tuple[CollectionMode, Callable[[Any, Any], None]]] = {}
 
 
 def hybrid_batch_norm(
@@ -70,7 +70,8 @@ def hybrid_batch_norm(
 
     The arguments are tensors of the Keras backend (not ``keras.Variable`` objects), as
     :func:`keras.ops.custom_gradient` needs on the torch backend. The global statistics get zero
-    gradients: the gradient never flows into them.
+    gradients: the gradient never flows into them. The gradient is itself differentiable, so
+    second-order gradients (a loss on an input gradient) are exact on every backend.
     """
 
     @ops.custom_gradient
@@ -78,15 +79,104 @@ def hybrid_batch_norm(
         y, residuals = hbn_core.hbn_forward(*args, channel_axis=axis, eps=epsilon)
 
         def backward(*grads: Any, upstream: Any = None) -> tuple[Any, ...]:
-            # TensorFlow and JAX pass the output gradient alone; torch passes the inputs
-            # positionally and the output gradient as `upstream`.
+            # TensorFlow and JAX pass the output gradient alone, and differentiate this
+            # function through the residuals for second-order gradients. torch passes the
+            # inputs positionally and the output gradient as `upstream`, and computed the
+            # residuals without a graph: when the backward itself is differentiated
+            # (create_graph=True, which turns grad mode on), recompute them from the inputs.
             dy = grads[0] if upstream is None else upstream
-            dx, dscale, doffset, dalpha = hbn_core.hbn_backward(dy, residuals)
+            saved = residuals
+            if upstream is not None and _torch_grad_enabled():
+                _, saved = hbn_core.hbn_forward(*grads, channel_axis=axis, eps=epsilon)
+            dx, dscale, doffset, dalpha = hbn_core.hbn_backward(dy, saved)
             return dx, dscale, doffset, dalpha, ops.zeros_like(args[4]), ops.zeros_like(args[5])
 
         return y, backward
 
     return forward(x, scale, offset, alpha, global_mean, global_var)
+
+
+def _torch_grad_enabled() -> bool:
+    import torch  # Keras' torch backend: torch is installed
+
+    return torch.is_grad_enabled()
+
+
+def masked_hybrid_batch_norm(
+    x: Any,
+    scale: Any,
+    offset: Any,
+    alpha: Any,
+    global_mean: Any,
+    global_var: Any,
+    mask: Any,
+    *,
+    axis: int = -1,
+    epsilon: float = 1e-3,
+) -> Any:
+    r"""The hybrid training forward with batch statistics over the positions ``mask`` keeps.
+
+    Per channel, with :math:`m` the mask (True: the value enters the statistics) and
+    :math:`n = \sum m` the kept positions,
+
+    .. math::
+
+        \mu_B = \frac{1}{n}\sum m\,x, \qquad \sigma_B^2 = \frac{1}{n}\sum m\,(x - \mu_B)^2,
+
+    (:math:`\mu_B = \sigma_B^2 = 0` for a channel with no kept position, as the moments of
+    an empty set), mixed with the global statistics as in :func:`hybrid_batch_norm`; every
+    position, kept or not, is normalised with the mixed statistics by
+    :func:`hbn_core.hbn_inference`. The backend's autodiff differentiates this composition
+    (to any order); the global statistics get no gradient.
+
+    Parameters
+    ----------
+    mask
+        Boolean, of the shape of ``x``.
+    """
+    # float64 stays float64, and half precision computes in float32. (Keras' result_type
+    # promotes float64 with float32 to float32.)
+    compute = "float64" if keras.backend.standardize_dtype(x.dtype) == "float64" else "float32"
+    x = ops.cast(x, compute)
+    reduction = tuple(i for i in range(len(x.shape)) if i != axis % len(x.shape))
+    count = ops.sum(ops.cast(mask, compute), axis=reduction, keepdims=True)
+    count = ops.maximum(count, ops.ones_like(count))
+    batch_mean = ops.sum(ops.where(mask, x, 0), axis=reduction, keepdims=True) / count
+    centred = ops.where(mask, x - batch_mean, 0)
+    batch_var = ops.sum(ops.square(centred), axis=reduction) / ops.reshape(count, (-1,))
+    alpha = ops.cast(alpha, compute)
+    global_weight, batch_weight = ops.sigmoid(alpha), ops.sigmoid(-alpha)
+    statistics = (ops.cast(ops.stop_gradient(s), compute) for s in (global_mean, global_var))
+    mean_global, var_global = statistics
+    mixed_mean = batch_weight * ops.reshape(batch_mean, (-1,)) + global_weight * mean_global
+    mixed_var = batch_weight * batch_var + global_weight * var_global
+    return hbn_core.hbn_inference(
+        x, scale, offset, mixed_mean, mixed_var, channel_axis=axis, eps=epsilon
+    )
+
+
+# BatchNormalization's arguments that HBN does not support, with the default values at which
+# they are accepted (what a BatchNormalization configuration holds when they are unused).
+_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
+    "momentum": 0.99,
+    "renorm": False,
+    "renorm_clipping": None,
+    "renorm_momentum": 0.99,
+    "synchronized": False,
+}
+_UNSUPPORTED_WHY = {
+    "momentum": (
+        "HBN keeps no moving statistics: its global statistics change only through "
+        "set_global_statistics, set_weights or loading"
+    ),
+    "renorm": "HBN does not implement Batch Renormalization; alpha mixes in global statistics",
+    "renorm_clipping": "it applies only with renorm=True, which HBN does not support",
+    "renorm_momentum": "it applies only with renorm=True, which HBN does not support",
+    "synchronized": (
+        "HBN's batch statistics are each replica's own; cross-replica statistics would need a "
+        "synchronised gradient"
+    ),
+}
 
 
 @keras.saving.register_keras_serializable(package="hbn")
@@ -102,25 +192,40 @@ class HybridBatchNormalization(keras.layers.Layer):
         \qquad y = \gamma\,\frac{x - \hat\mu}{\sqrt{\hat\sigma^2 + \epsilon}} + \beta,
 
     with the batch mean :math:`\mu_B` and **biased** batch variance :math:`\sigma_B^2` over every
-    axis but ``axis``, and the global statistics :math:`\mu_G` = ``global_mean`` and
-    :math:`\sigma_G^2` = ``global_var`` (biased). In inference (``training=False``, or a layer
-    with ``trainable=False``, as for BatchNormalization) :math:`w = 1`: only the global
-    statistics are used. See ``docs/math.md``.
+    axis but ``axis`` (over the positions the ``mask`` keeps, when there is one), and the global
+    statistics :math:`\mu_G` = ``global_mean`` and :math:`\sigma_G^2` = ``global_var`` (biased).
+    In inference (``training=False``, or a layer with ``trainable=False``, as for
+    BatchNormalization) :math:`w = 1`: only the global statistics are used. See ``docs/math.md``.
+
+    The arguments are BatchNormalization's, in its order, then ``alpha``'s.
 
     Parameters
     ----------
     axis
         The channel axis (default -1, channels-last), one int.
     momentum
-        Kept, checked and serialised so that a BatchNormalization's arguments carry over. HBN
-        keeps no moving statistics, so it has no effect: the global statistics change only
-        through :func:`set_global_statistics` (or ``set_weights``, or loading).
+        Refused unless 0.99, BatchNormalization's default, accepted so that its configurations
+        load: HBN keeps no moving statistics, so a momentum has nothing to act on. The global
+        statistics change only through :func:`set_global_statistics` (or ``set_weights``, or
+        loading).
     epsilon
         :math:`\epsilon`, added to the variance. Keras' default is 1e-3; torch and Flax use 1e-5.
     center, scale
         Whether to learn :math:`\beta` (``beta``) and :math:`\gamma` (``gamma``).
     beta_initializer, gamma_initializer
         Initialisers of ``beta`` and ``gamma``.
+    moving_mean_initializer, moving_variance_initializer
+        Initialisers of ``global_mean`` and ``global_var``, the statistics that take the place
+        of BatchNormalization's moving ones in inference.
+    beta_regularizer, gamma_regularizer, beta_constraint, gamma_constraint
+        Regularisers and constraints of ``beta`` and ``gamma``, as in BatchNormalization.
+    renorm, renorm_clipping, renorm_momentum, synchronized
+        Not supported: accepted only at BatchNormalization's defaults (False, None, 0.99,
+        False), refused otherwise with a ``ValueError`` that says why.
+    alpha_initializer, alpha_regularizer, alpha_constraint
+        Initialiser (default zeros: half batch, half global), regulariser and constraint of
+        ``alpha``. ``alpha_initializer=keras.initializers.Constant(-math.inf)`` makes the
+        training forward plain batch normalisation.
     **kwargs
         Keras layer arguments (``name``, ``dtype``, ``trainable``, ...).
 
@@ -129,18 +234,20 @@ class HybridBatchNormalization(keras.layers.Layer):
     gamma, beta : keras.Variable or None
         Trainable, ``(C,)``; None when ``scale`` or ``center`` is False.
     alpha : keras.Variable
-        The trainable hybrid factor :math:`\alpha`, zeros ``(C,)``: half batch, half global.
+        The trainable hybrid factor :math:`\alpha`, ``(C,)``.
     global_mean, global_var : keras.Variable
-        Non-trainable, zeros and ones ``(C,)``; ``global_var`` is a biased variance.
+        Non-trainable, ``(C,)``; ``global_var`` is a biased variance.
 
     Raises
     ------
     TypeError
         If ``axis`` is not one int.
     ValueError
-        If ``momentum`` is outside [0, 1] or ``epsilon`` is negative; when the layer is built,
-        if the input has fewer than 2 dimensions, ``axis`` is out of range or the channel size
-        is unknown. After building, Keras rejects inputs of another rank or channel count.
+        If ``epsilon`` is negative, or an unsupported argument is not at its default; when the
+        layer is built, if the input has fewer than 2 dimensions, ``axis`` is out of range or
+        the channel size is unknown; when it is called, if a ``mask`` does not have one
+        dimension less than the input. After building, Keras rejects inputs of another rank or
+        channel count.
     """
 
     def __init__(
@@ -152,18 +259,44 @@ class HybridBatchNormalization(keras.layers.Layer):
         scale: bool = True,
         beta_initializer: Any = "zeros",
         gamma_initializer: Any = "ones",
+        moving_mean_initializer: Any = "zeros",
+        moving_variance_initializer: Any = "ones",
+        beta_regularizer: Any = None,
+        gamma_regularizer: Any = None,
+        beta_constraint: Any = None,
+        gamma_constraint: Any = None,
+        renorm: bool = False,
+        renorm_clipping: Any = None,
+        renorm_momentum: float = 0.99,
+        synchronized: bool = False,
+        alpha_initializer: Any = "zeros",
+        alpha_regularizer: Any = None,
+        alpha_constraint: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             msg = f"`axis` must be one int (the channel axis); got {axis!r}."
             raise TypeError(msg)
-        if not 0 <= momentum <= 1:
-            msg = f"`momentum` must lie in [0, 1]; got {momentum!r}."
-            raise ValueError(msg)
         if not epsilon >= 0:
             msg = f"`epsilon` must be >= 0; got {epsilon!r}."
             raise ValueError(msg)
+        unsupported = {
+            "momentum": momentum,
+            "renorm": renorm,
+            "renorm_clipping": renorm_clipping,
+            "renorm_momentum": renorm_momentum,
+            "synchronized": synchronized,
+        }
+        for name, value in unsupported.items():
+            if value != _UNSUPPORTED_DEFAULTS[name]:
+                shown = f"`{name}={value!r}`" if isinstance(value, bool) else f"`{name}`"
+                msg = (
+                    f"{shown} is not supported by {type(self).__name__}: "
+                    f"{_UNSUPPORTED_WHY[name]}. Leave it at BatchNormalization's default "
+                    f"{_UNSUPPORTED_DEFAULTS[name]!r}; got {value!r}."
+                )
+                raise ValueError(msg)
         self.axis = int(axis)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
@@ -171,6 +304,16 @@ class HybridBatchNormalization(keras.layers.Layer):
         self.scale = scale
         self.beta_initializer = keras.initializers.get(beta_initializer)
         self.gamma_initializer = keras.initializers.get(gamma_initializer)
+        self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = keras.initializers.get(moving_variance_initializer)
+        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
+        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
+        self.beta_constraint = keras.constraints.get(beta_constraint)
+        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        self.alpha_initializer = keras.initializers.get(alpha_initializer)
+        self.alpha_regularizer = keras.regularizers.get(alpha_regularizer)
+        self.alpha_constraint = keras.constraints.get(alpha_constraint)
+        self.supports_masking = True
         self.gamma: keras.Variable | None = None
         self.beta: keras.Variable | None = None
 
@@ -183,12 +326,12 @@ class HybridBatchNormalization(keras.layers.Layer):
         """Create the weights for inputs of ``input_shape``."""
         shape = (self._channels(tuple(input_shape)),)
         if self.scale:
-            self.gamma = self._weight("gamma", shape, self.gamma_initializer, trainable=True)
+            self.gamma = self._weight("gamma", shape)
         if self.center:
-            self.beta = self._weight("beta", shape, self.beta_initializer, trainable=True)
-        self.alpha = self._weight("alpha", shape, "zeros", trainable=True)
-        self.global_mean = self._weight("global_mean", shape, "zeros", trainable=False)
-        self.global_var = self._weight("global_var", shape, "ones", trainable=False)
+            self.beta = self._weight("beta", shape)
+        self.alpha = self._weight("alpha", shape)
+        self.global_mean = self._statistic("global_mean", shape, self.moving_mean_initializer)
+        self.global_var = self._statistic("global_var", shape, self.moving_variance_initializer)
         self.input_spec = keras.InputSpec(ndim=len(input_shape), axes={self.axis: shape[0]})
 
     def _channels(self, input_shape: tuple[int | None, ...]) -> int:
@@ -214,38 +357,56 @@ class HybridBatchNormalization(keras.layers.Layer):
             raise ValueError(msg)
         return int(channels)
 
-    def _weight(self, name: str, shape: tuple[int], initializer: Any, *, trainable: bool) -> Any:
+    def _weight(self, name: str, shape: tuple[int]) -> Any:
+        """A trainable weight with its initializer, regularizer and constraint."""
+        return self.add_weight(
+            shape=shape,
+            name=name,
+            initializer=getattr(self, f"{name}_initializer"),
+            regularizer=getattr(self, f"{name}_regularizer"),
+            constraint=getattr(self, f"{name}_constraint"),
+            trainable=True,
+            autocast=False,  # as in BatchNormalization, below
+        )
+
+    def _statistic(self, name: str, shape: tuple[int], initializer: Any) -> Any:
         # autocast=False, as in BatchNormalization: under mixed precision the weights stay in
         # the variable dtype, and the core computes in result_type(x, weights, float32).
         return self.add_weight(
-            shape=shape, name=name, initializer=initializer, trainable=trainable, autocast=False
+            shape=shape, name=name, initializer=initializer, trainable=False, autocast=False
         )
 
-    def call(self, inputs: Any, training: bool | None = None) -> Any:
-        """Normalise ``inputs``: the hybrid forward in training, the global statistics otherwise."""
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        """Normalise ``inputs``: the hybrid forward in training, the global statistics otherwise.
+
+        ``inputs`` may be a NumPy array (as in ``stateless_call``). ``mask``, as for
+        BatchNormalization, has one dimension less than ``inputs`` and is broadcast against
+        them without their last axis (a Masking layer's mask of timesteps); its True positions
+        enter the batch statistics in training, and those that ``collect_statistics``
+        measures. Every position is normalised.
+        """
+        inputs = ops.convert_to_tensor(inputs)
         if not keras.backend.is_float_dtype(inputs.dtype):
             inputs = ops.cast(inputs, self.compute_dtype)
+        kept = None if mask is None else _broadcast_mask(mask, inputs)
         inference = not (training and self.trainable)
         recorder = _RECORDERS.get(id(self))
         if recorder is not None:
             mode, record = recorder
-            record(inputs)
+            record(inputs, kept)
             inference = mode == "global"
         scale, offset = self._affine()
         statistics = (self.global_mean.value, self.global_var.value)
+        options = {"axis": self.axis, "epsilon": self.epsilon}
         if inference:
             y = hbn_core.hbn_inference(
                 inputs, scale, offset, *statistics, channel_axis=self.axis, eps=self.epsilon
             )
+        elif kept is None:
+            y = hybrid_batch_norm(inputs, scale, offset, self.alpha.value, *statistics, **options)
         else:
-            y = hybrid_batch_norm(
-                inputs,
-                scale,
-                offset,
-                self.alpha.value,
-                *statistics,
-                axis=self.axis,
-                epsilon=self.epsilon,
+            y = masked_hybrid_batch_norm(
+                inputs, scale, offset, self.alpha.value, *statistics, kept, **options
             )
         return ops.cast(y, self.compute_dtype)
 
@@ -261,7 +422,32 @@ class HybridBatchNormalization(keras.layers.Layer):
         return tuple(input_shape)
 
     def get_config(self) -> dict[str, Any]:
-        """Every constructor argument, as ``from_config`` takes it back."""
+        """Every constructor argument, as ``from_config`` takes it back.
+
+        The unsupported arguments (``renorm``, ``renorm_clipping``, ``renorm_momentum``,
+        ``synchronized``) are left out: they can only hold their defaults.
+        """
+        initializers = ("beta", "gamma", "moving_mean", "moving_variance", "alpha")
+        weights = {
+            **{
+                f"{name}_initializer": keras.initializers.serialize(
+                    getattr(self, f"{name}_initializer")
+                )
+                for name in initializers
+            },
+            **{
+                f"{name}_regularizer": keras.regularizers.serialize(
+                    getattr(self, f"{name}_regularizer")
+                )
+                for name in ("beta", "gamma", "alpha")
+            },
+            **{
+                f"{name}_constraint": keras.constraints.serialize(
+                    getattr(self, f"{name}_constraint")
+                )
+                for name in ("beta", "gamma", "alpha")
+            },
+        }
         return {
             **super().get_config(),
             "axis": self.axis,
@@ -269,9 +455,25 @@ class HybridBatchNormalization(keras.layers.Layer):
             "epsilon": self.epsilon,
             "center": self.center,
             "scale": self.scale,
-            "beta_initializer": keras.initializers.serialize(self.beta_initializer),
-            "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
+            **weights,
         }
+
+
+def _broadcast_mask(mask: Any, inputs: Any) -> Any:
+    """BatchNormalization's mask convention: a boolean mask of the shape of ``inputs``.
+
+    ``mask`` has one dimension less than ``inputs``; it gains a last axis of size 1 and is
+    broadcast to the inputs' shape.
+    """
+    mask = ops.convert_to_tensor(mask)
+    if len(mask.shape) != len(inputs.shape) - 1:
+        msg = (
+            f"`mask` must have one dimension less than the inputs (it is broadcast against "
+            f"them without their last axis, as for BatchNormalization); got mask.shape="
+            f"{tuple(mask.shape)} for inputs.shape={tuple(inputs.shape)}."
+        )
+        raise ValueError(msg)
+    return ops.broadcast_to(ops.expand_dims(ops.cast(mask, "bool"), -1), ops.shape(inputs))
 
 
 def hbn_layers(model: keras.layers.Layer) -> list[tuple[str, HybridBatchNormalization]]:
@@ -360,11 +562,11 @@ def collect_statistics(
     require_hbn_layers(layers, model, layer_type="backends.keras.HybridBatchNormalization")
     totals: dict[str, Moments] = {}
 
-    def recorder(name: str, axis: int) -> Callable[[Any], None]:
-        def record(inputs: Any) -> None:
-            data = np.asarray(ops.convert_to_numpy(inputs), np.float64)
-            total = totals.get(name, empty_moments(data.shape[axis]))
-            totals[name] = hbn_core.merge_moments(total, hbn_core.moments(data, channel_axis=axis))
+    def recorder(name: str, axis: int) -> Callable[[Any, Any], None]:
+        def record(inputs: Any, mask: Any) -> None:
+            data = kept_rows(inputs, mask, axis=axis, name=name)
+            total = totals.get(name, empty_moments(data.shape[-1]))
+            totals[name] = hbn_core.merge_moments(total, hbn_core.moments(data, channel_axis=-1))
 
         return record
 
@@ -378,6 +580,32 @@ def collect_statistics(
     return {
         name: totals.get(name, empty_moments(layer.num_features or 0)) for name, layer in layers
     }
+
+
+def kept_rows(inputs: Any, mask: Any, *, axis: int, name: str) -> np.ndarray:
+    """The values of ``inputs`` that enter the statistics, as float64 ``(n, C)`` rows.
+
+    ``mask`` (None, or boolean of the shape of ``inputs``) keeps positions; it must be the same
+    for every channel, so that every channel has the same count, as :class:`hbn_core.Moments`
+    holds one count for all channels.
+
+    Raises
+    ------
+    ValueError
+        If the mask differs between channels (a BatchNormalization mask, which is broadcast
+        against the inputs without their last axis, with ``axis`` other than the last).
+    """
+    data = np.moveaxis(np.asarray(ops.convert_to_numpy(inputs), np.float64), axis, -1)
+    if mask is None:
+        return data.reshape(-1, data.shape[-1])
+    kept = np.moveaxis(np.asarray(ops.convert_to_numpy(mask), bool), axis, -1)
+    if not (kept == kept[..., :1]).all():
+        msg = (
+            f"collect_statistics needs the same mask for every channel of HBN layer {name!r} "
+            f"(one count per channel); its mask differs between channels on axis {axis}."
+        )
+        raise ValueError(msg)
+    return data[kept[..., 0]]
 
 
 def set_global_statistics(model: keras.layers.Layer, statistics: Mapping[str, Moments]) -> None:

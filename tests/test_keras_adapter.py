@@ -116,8 +116,10 @@ def gradients(loss: Callable[..., Any], args: list[Any]) -> list[np.ndarray]:
     return [numpy(g) for g in torch.autograd.grad(loss(*args), args)]
 
 
-def weight_gradients(layer: Any, x: Any, dy: Any) -> list[np.ndarray]:
+def weight_gradients(layer: Any, x: Any, dy: Any, **call: Any) -> list[np.ndarray]:
     """The gradients of ``sum(dy * layer(x, training=True))`` for ``layer.trainable_weights``.
+
+    ``call`` holds further arguments of the call (a ``mask``).
 
     Each backend reaches the weights its own way: a tape over the variables (TensorFlow), a
     stateless call (JAX), or the variables' tensors (torch).
@@ -126,7 +128,7 @@ def weight_gradients(layer: Any, x: Any, dy: Any) -> list[np.ndarray]:
         non_trainable = [v.value for v in layer.non_trainable_weights]
 
         def loss(*trainable: Any) -> Any:
-            y, _ = layer.stateless_call(list(trainable), non_trainable, x, training=True)
+            y, _ = layer.stateless_call(list(trainable), non_trainable, x, training=True, **call)
             return ops.sum(dy * y)
 
         return gradients(loss, [v.value for v in layer.trainable_weights])
@@ -134,11 +136,11 @@ def weight_gradients(layer: Any, x: Any, dy: Any) -> list[np.ndarray]:
         import tensorflow as tf
 
         with tf.GradientTape() as tape:
-            value = ops.sum(dy * layer(x, training=True))
+            value = ops.sum(dy * layer(x, training=True, **call))
         return [numpy(g) for g in tape.gradient(value, layer.trainable_weights)]
     import torch
 
-    value = ops.sum(dy * layer(x, training=True))
+    value = ops.sum(dy * layer(x, training=True, **call))
     return [
         numpy(g) for g in torch.autograd.grad(value, [v.value for v in layer.trainable_weights])
     ]
@@ -354,9 +356,9 @@ def test_a_saved_model_reloads_with_identical_outputs(tmp_path):
 
 @pytest.mark.keras
 def test_get_config_round_trips():
+    # momentum is refused unless at its default (test_unsupported_arguments_are_refused).
     layer = hbn_keras.HybridBatchNormalization(
         axis=1,
-        momentum=0.9,
         epsilon=1e-5,
         center=False,
         gamma_initializer=keras.initializers.Constant(2.0),
@@ -366,7 +368,7 @@ def test_get_config_round_trips():
     config = layer.get_config()
     assert {k: config[k] for k in ("axis", "momentum", "epsilon", "center", "scale")} == {
         "axis": 1,
-        "momentum": 0.9,
+        "momentum": 0.99,
         "epsilon": 1e-5,
         "center": False,
         "scale": True,
@@ -549,10 +551,430 @@ def test_a_built_layer_rejects_other_channels_or_ranks(shape, pattern):
     ("kwargs", "error", "pattern"),
     [
         ({"axis": (1, 2)}, TypeError, r"`axis` must be one int \(the channel axis\); got \(1, 2\)"),
-        ({"momentum": 1.5}, ValueError, r"`momentum` must lie in \[0, 1\]; got 1.5"),
+        ({"momentum": 1.5}, ValueError, r"`momentum` is not supported.*; got 1.5"),
         ({"epsilon": -1.0}, ValueError, r"`epsilon` must be >= 0; got -1.0"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         hbn_keras.HybridBatchNormalization(**kwargs)
+
+
+# Masking, as in BatchNormalization: masked positions stay out of the batch statistics.
+
+
+def masked_oracle(case: dict, mask: np.ndarray) -> np.ndarray:
+    """Float64 NumPy: the hybrid forward with batch statistics of the kept positions only.
+
+    ``mask`` has one dimension less than ``x`` and is broadcast against it without its last
+    axis (BatchNormalization's convention); a channel with no kept position has batch mean and
+    variance 0.
+    """
+    x, axis = case["x"], case["axis"] % case["x"].ndim
+    channels = x.shape[axis]
+    kept = np.broadcast_to(mask[..., None], x.shape)
+    values = np.moveaxis(x, axis, -1).reshape(-1, channels)
+    keep = np.moveaxis(kept, axis, -1).reshape(-1, channels)
+    columns = [values[keep[:, c], c] for c in range(channels)]
+    mean = np.array([c.mean() if c.size else 0.0 for c in columns])
+    var = np.array([c.var() if c.size else 0.0 for c in columns])
+    w = oracle.sigmoid(case["alpha"])
+    return oracle.inference(
+        x,
+        case["scale"],
+        case["offset"],
+        (1 - w) * mean + w * case["global_mean"],
+        (1 - w) * var + w * case["global_var"],
+        channel_axis=axis,
+        eps=EPSILON,
+    )
+
+
+def masks(case: dict) -> st.SearchStrategy[np.ndarray]:
+    return hnp.arrays(np.bool_, case["x"].shape[:-1])
+
+
+@pytest.mark.keras
+@given(case=layer_cases(), data=st.data())
+def test_masked_training_forward_equals_the_float64_oracle_of_the_kept_positions(case, data):
+    mask = data.draw(masks(case))
+    layer = make_layer(case)
+    y = numpy(layer(tensor(case["x"]), mask=tensor(mask), training=True))
+    np.testing.assert_allclose(y, masked_oracle(case, mask), rtol=1e-10, atol=1e-10)
+    # Inference ignores the mask, as BatchNormalization's does.
+    np.testing.assert_array_equal(
+        numpy(layer(tensor(case["x"]), mask=tensor(mask), training=False)),
+        numpy(layer(tensor(case["x"]), training=False)),
+    )
+
+
+@pytest.mark.keras
+@given(case=layer_cases(), data=st.data())
+def test_masked_values_change_only_their_own_outputs(case, data):
+    mask = data.draw(masks(case))
+    kept = np.broadcast_to(mask[..., None], case["x"].shape)
+    noise = data.draw(hnp.arrays(np.float64, case["x"].shape, elements=floats(-1e3, 1e3)))
+    layer = make_layer(case)
+    y = numpy(layer(tensor(case["x"]), mask=tensor(mask), training=True))
+    changed = numpy(
+        layer(tensor(np.where(kept, case["x"], noise)), mask=tensor(mask), training=True)
+    )
+    np.testing.assert_allclose(changed[kept], y[kept], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.keras
+@given(case=layer_cases(), data=st.data())
+def test_masked_input_gradient_equals_float64_finite_differences(case, data):
+    mask = data.draw(masks(case))
+    layer = make_layer(case)
+    dy = case["dy"]
+    (grad,) = gradients(
+        lambda x: ops.sum(tensor(dy) * layer(x, mask=tensor(mask), training=True)),
+        [tensor(case["x"])],
+    )
+    direction = data.draw(hnp.arrays(np.float64, case["x"].shape, elements=floats(-1, 1)))
+    expected = oracle.directional_derivative(
+        lambda x: np.sum(dy * masked_oracle({**case, "x": x}, mask)), case["x"], direction
+    )
+    scale = np.abs(dy).sum() * (1 + np.abs(case["x"]).max()) * max(1.0, np.abs(case["scale"]).max())
+    np.testing.assert_allclose(
+        float(np.sum(grad * direction)), expected, rtol=1e-6, atol=1e-7 * scale + 1e-12
+    )
+
+
+@pytest.mark.keras
+@given(case=layer_cases())
+def test_a_mask_that_keeps_everything_equals_no_mask(case):
+    layer = make_layer(case)
+    x, dy = tensor(case["x"]), tensor(case["dy"])
+    everything = tensor(np.ones(case["x"].shape[:-1], bool))
+    np.testing.assert_allclose(
+        numpy(layer(x, mask=everything, training=True)),
+        numpy(layer(x, training=True)),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    assert_gradients_close(
+        gradients(lambda x: ops.sum(dy * layer(x, mask=everything, training=True)), [x])
+        + weight_gradients(layer, x, dy, mask=everything),
+        gradients(lambda x: ops.sum(dy * layer(x, training=True)), [x])
+        + weight_gradients(layer, x, dy),
+    )
+
+
+def padded_sequences() -> np.ndarray:
+    """(6, 5, 3) float32 sequences padded with zeros after lengths 5, 1, 3, 2, 4 and 0."""
+    x = 3 + 2 * np.random.default_rng(9).standard_normal((6, 5, 3)).astype(np.float32)
+    for row, length in enumerate((5, 1, 3, 2, 4, 0)):
+        x[row, length:] = 0.0
+    return x
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize("mode", ["hybrid", "global"])
+def test_a_masking_layer_keeps_the_padding_out_of_fit_and_of_collected_statistics(mode):
+    x = padded_sequences()
+    model = keras.Sequential(
+        [
+            keras.Input((5, 3)),
+            keras.layers.Masking(0.0),
+            hbn_keras.HybridBatchNormalization(name="norm"),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, np.ones((6, 2), np.float32), epochs=1, verbose=0)  # no masking warning
+    stats = hbn_keras.collect_statistics(model, [x[:4], x[4:]], mode=mode)
+    rows = x.reshape(-1, 3)[np.any(x.reshape(-1, 3) != 0, axis=1)].astype(np.float64)
+    assert int(stats["norm"].count) == rows.shape[0] == 15
+    np.testing.assert_allclose(stats["norm"].mean, rows.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(
+        stats["norm"].m2, ((rows - rows.mean(axis=0)) ** 2).sum(axis=0), rtol=1e-10
+    )
+
+
+@pytest.mark.keras
+def test_the_mask_passes_through_to_the_next_layer():
+    layer = hbn_keras.HybridBatchNormalization()
+    assert layer.supports_masking
+    masked = keras.layers.Masking(0.0)(tensor(padded_sequences()))
+    mask = numpy(masked._keras_mask)
+    np.testing.assert_array_equal(numpy(layer.compute_mask(masked, masked._keras_mask)), mask)
+
+
+@pytest.mark.keras
+def test_collection_refuses_a_mask_that_differs_between_channels():
+    """BatchNormalization broadcasts masks without the last axis: with axis=1, per channel."""
+    layer = hbn_keras.HybridBatchNormalization(axis=1, name="norm")
+    x = np.ones((4, 3, 5), np.float32)
+    mask = np.ones((4, 3), bool)
+    mask[0, 1] = False
+    with pytest.raises(ValueError, match=r"same mask for every channel of HBN layer 'norm'"):
+        hbn_keras.collect_statistics(
+            keras.Sequential([layer]),
+            [(x, mask)],
+            forward=lambda model, b: model.layers[0](b[0], mask=b[1], training=False),
+        )
+
+
+@pytest.mark.keras
+def test_a_mask_of_another_rank_is_refused():
+    layer = hbn_keras.HybridBatchNormalization()
+    with pytest.raises(
+        ValueError, match=r"`mask` must have one dimension less than the inputs.*\(4, 5, 3\)"
+    ):
+        layer(tensor(np.ones((4, 5, 3))), mask=tensor(np.ones((4,), bool)), training=True)
+
+
+# Every BatchNormalization argument: supported, or refused with a reason.
+
+
+@pytest.mark.keras
+def test_regularizers_add_one_loss_per_regularised_weight():
+    regularizers = {
+        "gamma": keras.regularizers.L2(0.1),
+        "beta": keras.regularizers.L1(0.2),
+        "alpha": keras.regularizers.L1L2(0.3, 0.4),
+    }
+    layer = hbn_keras.HybridBatchNormalization(
+        **{f"{name}_regularizer": r for name, r in regularizers.items()}
+    )
+    layer.build((None, 3))
+    rng = np.random.default_rng(5)
+    for name in regularizers:
+        getattr(layer, name).assign(rng.standard_normal(3).astype(np.float32))
+    layer(tensor(np.ones((4, 3), np.float32)), training=True)
+    expected = sorted(
+        float(numpy(regularizer(getattr(layer, name))))
+        for name, regularizer in regularizers.items()
+    )
+    assert sorted(float(numpy(loss)) for loss in layer.losses) == pytest.approx(expected)
+    assert expected[0] > 0
+
+
+@pytest.mark.keras
+def test_constraints_project_each_weight_after_an_optimizer_step():
+    constrained = hbn_keras.HybridBatchNormalization(
+        gamma_constraint="non_neg", beta_constraint="non_neg", alpha_constraint="non_neg"
+    )
+    free = hbn_keras.HybridBatchNormalization()
+    for layer in (constrained, free):
+        layer.build((None, 3))
+        weights = layer.trainable_weights
+        keras.optimizers.SGD(1.0).apply_gradients(
+            [(ops.full((3,), 5.0), weight) for weight in weights]
+        )
+    # gamma 1 - 5, beta 0 - 5, alpha 0 - 5: negative without the constraint, 0 with it.
+    assert [numpy(w).tolist() for w in free.trainable_weights] == [[-4.0] * 3] + [[-5.0] * 3] * 2
+    assert [numpy(w).tolist() for w in constrained.trainable_weights] == [[0.0] * 3] * 3
+
+
+@pytest.mark.keras
+def test_initializers_set_the_global_statistics_and_alpha():
+    layer = hbn_keras.HybridBatchNormalization(
+        moving_mean_initializer=keras.initializers.Constant(2.0),
+        moving_variance_initializer=keras.initializers.Constant(3.0),
+        alpha_initializer=keras.initializers.Constant(-1.0),
+    )
+    layer.build((None, 2))
+    assert [numpy(w).tolist() for w in (layer.global_mean, layer.global_var, layer.alpha)] == [
+        [2.0, 2.0],
+        [3.0, 3.0],
+        [-1.0, -1.0],
+    ]
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"momentum": 0.9}, r"`momentum` is not supported.*no moving statistics.*got 0.9"),
+        ({"renorm": True}, r"`renorm=True` is not supported.*Batch Renormalization"),
+        (
+            {"renorm_clipping": {"rmax": 3.0}},
+            r"`renorm_clipping` is not supported.*only with renorm=True",
+        ),
+        ({"renorm_momentum": 0.5}, r"`renorm_momentum` is not supported.*got 0.5"),
+        ({"synchronized": True}, r"`synchronized=True` is not supported.*each replica"),
+    ],
+)
+def test_unsupported_arguments_are_refused(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        hbn_keras.HybridBatchNormalization(**kwargs)
+
+
+@pytest.mark.keras
+def test_a_batch_normalization_config_builds_the_same_layer():
+    batch_norm = keras.layers.BatchNormalization(
+        axis=1,
+        epsilon=1e-4,
+        center=False,
+        moving_variance_initializer=keras.initializers.Constant(2.0),
+        gamma_regularizer="l2",
+        gamma_constraint="non_neg",
+    )
+    layer = hbn_keras.HybridBatchNormalization.from_config(batch_norm.get_config())
+    x = tensor(np.random.default_rng(6).standard_normal((4, 3, 2)).astype(np.float32))
+    for normalisation in (batch_norm, layer):
+        normalisation.build((None, 3, 2))
+    assert (layer.axis, layer.epsilon, layer.beta) == (1, 1e-4, None)
+    assert type(layer.gamma.constraint) is type(batch_norm.gamma.constraint)
+    np.testing.assert_allclose(
+        numpy(layer(x, training=False)), numpy(batch_norm(x, training=False)), rtol=1e-6
+    )
+
+
+# stateless_call with NumPy inputs and weights, as BatchNormalization takes them.
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize("training", [True, False])
+def test_stateless_call_takes_numpy_inputs_and_weights(training):
+    case = {
+        "x": np.random.default_rng(7).standard_normal((6, 3)),
+        "axis": -1,
+        **{name: np.linspace(0.5, 1.5, 3) for name in NAMES},
+    }
+    layer = make_layer(case)
+    trainable = [numpy(w) for w in layer.trainable_weights]
+    non_trainable = [numpy(w) for w in layer.non_trainable_weights]
+    y, statistics = layer.stateless_call(trainable, non_trainable, case["x"], training=training)
+    expected = oracle_forward(case) if training else oracle.inference(
+        case["x"], *(case[n] for n in ("scale", "offset", "global_mean", "global_var")),
+        channel_axis=-1, eps=EPSILON,
+    )  # fmt: skip
+    np.testing.assert_allclose(numpy(y), expected, rtol=1e-10, atol=1e-10)
+    for value, before in zip(statistics, non_trainable, strict=True):
+        np.testing.assert_array_equal(numpy(value), before)
+
+
+# Second-order gradients: a loss on an input gradient (gradient penalty), differentiated.
+
+
+def second_order(function: Callable[..., Any], args: list[Any], dy: Any, v: Any) -> list[Any]:
+    """The gradients, for ``args``, of ``sum(v * d/dx sum(dy * function(*args)))``, as tensors.
+
+    ``x`` is ``args[0]``. Each backend nests its own autodiff: two GradientTapes, ``jax.grad``
+    of ``jax.grad``, or ``torch.autograd.grad`` with ``create_graph=True``.
+    """
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as outer:
+            outer.watch(args)
+            with tf.GradientTape() as inner:
+                inner.watch(args)
+                value = ops.sum(dy * function(*args))
+            penalty = ops.sum(v * inner.gradient(value, args[0]))
+        grads = outer.gradient(penalty, args)
+    elif BACKEND == "jax":
+        import jax
+
+        def penalty(*a: Any) -> Any:
+            return ops.sum(v * jax.grad(lambda *b: ops.sum(dy * function(*b)))(*a))
+
+        grads = jax.grad(penalty, argnums=tuple(range(len(args))))(*args)
+    else:
+        import torch
+
+        args = [a.detach().requires_grad_(True) for a in args]
+        (dx,) = torch.autograd.grad(ops.sum(dy * function(*args)), args[0], create_graph=True)
+        grads = torch.autograd.grad(ops.sum(v * dx), args, allow_unused=True)
+    # An argument the input gradient does not depend on (the offset) may get None.
+    return [ops.zeros_like(a) if g is None else g for g, a in zip(grads, args, strict=True)]
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize("path", ["custom gradient", "masked"])
+@given(case=layer_cases(), data=st.data())
+def test_second_order_gradients_equal_those_of_a_plain_composition(case, data, path):
+    v = tensor(data.draw(hnp.arrays(np.float64, case["x"].shape, elements=floats(-1, 1))))
+    dy = tensor(case["dy"])
+    statistics = [tensor(case["global_mean"]), tensor(case["global_var"])]
+    options = {"axis": case["axis"], "epsilon": EPSILON}
+    everything = tensor(np.ones(case["x"].shape, bool))
+
+    def layer_function(*a: Any) -> Any:
+        if path == "masked":
+            return hbn_keras.masked_hybrid_batch_norm(*a, *statistics, everything, **options)
+        return hbn_keras.hybrid_batch_norm(*a, *statistics, **options)
+
+    args = [tensor(case[k]) for k in ("x", "scale", "offset", "alpha")]
+    actual = map(numpy, second_order(layer_function, args, dy, v))
+    composition = lambda *a: plain_composition(*a, *statistics, axis=case["axis"])  # noqa: E731
+    expected = map(numpy, second_order(composition, args, dy, v))
+    for a, e in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-8, atol=1e-8 * (1 + np.abs(e).max()))
+
+
+@pytest.mark.keras
+def test_a_gradient_penalty_through_the_layer_trains_its_weights_as_a_composition_does():
+    rng = np.random.default_rng(8)
+    case = {
+        "x": rng.standard_normal((5, 4, 3)),
+        "axis": -1,
+        "scale": rng.uniform(0.5, 2, 3),
+        "offset": rng.standard_normal(3),
+        "alpha": rng.standard_normal(3),
+        "global_mean": rng.standard_normal(3),
+        "global_var": rng.uniform(0.5, 2, 3),
+    }
+    layer = make_layer(case)
+    dy, v = tensor(rng.standard_normal((5, 4, 3))), tensor(rng.standard_normal((5, 4, 3)))
+    weights = [w.value for w in layer.trainable_weights]  # gamma, beta, alpha
+    non_trainable = [w.value for w in layer.non_trainable_weights]
+
+    def through_layer(x: Any, *trainable: Any) -> Any:
+        y, _ = layer.stateless_call(list(trainable), non_trainable, x, training=True)
+        return y
+
+    statistics = [tensor(case["global_mean"]), tensor(case["global_var"])]
+    args = [tensor(case["x"]), *weights]
+    actual = [numpy(g) for g in second_order(through_layer, args, dy, v)]
+    composition = lambda *a: plain_composition(*a, *statistics, axis=-1)  # noqa: E731
+    expected = [numpy(g) for g in second_order(composition, args, dy, v)]
+    assert_gradients_close(actual, expected)
+    assert np.abs(expected[3]).max() > 1e-3  # alpha's second-order term is not trivially 0
+
+
+@pytest.mark.keras
+def test_backend_specific_second_order_checks():
+    """torch: gradgradcheck in float64; JAX: jax.hessian (forward over reverse); TF: XLA."""
+    rng = np.random.default_rng(10)
+    args = [tensor(rng.standard_normal((4, 3))), tensor(rng.uniform(0.5, 2, 3))]
+    args += [tensor(rng.standard_normal(3)), tensor(rng.standard_normal(3))]
+    statistics = [tensor(rng.standard_normal(3)), tensor(rng.uniform(0.5, 2, 3))]
+    if BACKEND == "torch":
+        import torch
+
+        inputs = tuple(a.detach().requires_grad_(True) for a in args)
+        assert torch.autograd.gradgradcheck(
+            lambda *a: hbn_keras.hybrid_batch_norm(*a, *statistics, epsilon=EPSILON), inputs
+        )
+    elif BACKEND == "jax":
+        import jax
+
+        dy = tensor(rng.standard_normal((4, 3)))
+
+        def loss(function: Callable[..., Any]) -> Callable[[Any], Any]:
+            return lambda x: ops.sum(dy * function(x, *args[1:], *statistics))
+
+        hessian = jax.hessian(loss(lambda *a: hbn_keras.hybrid_batch_norm(*a, epsilon=EPSILON)))
+        reference = jax.hessian(loss(lambda *a: plain_composition(*a, axis=-1)))
+        np.testing.assert_allclose(
+            numpy(hessian(args[0])), numpy(reference(args[0])), rtol=1e-9, atol=1e-9
+        )
+    else:
+        import tensorflow as tf
+
+        dy, v = (tensor(rng.standard_normal((4, 3))) for _ in range(2))
+
+        def penalty_gradients(*a: Any) -> list[Any]:
+            layer = lambda *b: hbn_keras.hybrid_batch_norm(*b, *statistics, epsilon=EPSILON)  # noqa: E731
+            return second_order(layer, list(a), dy, v)
+
+        compiled = tf.function(penalty_gradients, jit_compile=True)(*args)
+        composition = lambda *a: plain_composition(*a, *statistics, axis=-1)  # noqa: E731
+        expected = [numpy(g) for g in second_order(composition, args, dy, v)]
+        assert_gradients_close([numpy(g) for g in compiled], expected)

@@ -1,7 +1,8 @@
 """tests-cross: the Keras layer tests again, on Keras' JAX and torch backends.
 
 Keras fixes its backend when it is imported, from ``KERAS_BACKEND``, so each backend runs the
-tests marked ``keras`` of ``tests/test_keras_adapter.py`` (the layer's own tests) and
+tests marked ``keras`` of ``tests/test_keras_adapter.py`` (the layer's own tests),
+``tests/test_keras_harness.py`` (Keras' own BatchNormalization tests, adapted) and
 ``tests/test_cross_backends.py`` (agreement with torch) in a pytest process of its own. The
 child session requires them to pass (``HBN_REQUIRE=keras``): a missing framework fails, rather
 than skips, and a run in which no test passed fails too.
@@ -31,6 +32,7 @@ def test_the_keras_layer_tests_pass_on_another_keras_backend(backend):
         "-m",
         "pytest",
         "tests/test_keras_adapter.py",
+        "tests/test_keras_harness.py",
         "tests/test_cross_backends.py",
         "-m",
         "keras",

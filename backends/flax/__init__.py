@@ -3,7 +3,9 @@
 The training forward and backward are :func:`hbn_core.hbn_forward` and
 :func:`hbn_core.hbn_backward`, wired with :func:`jax.custom_vjp`; inference is
 :func:`hbn_core.hbn_inference`. The layer works under ``jax.jit``, ``jax.grad``, ``nnx.jit``,
-``nnx.grad`` and ``jax.vmap``. Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) is not
+``nnx.grad``, ``jax.vmap`` and ``nnx.vmap``, and ``nnx.view`` sets its mode as it sets
+``nnx.BatchNorm``'s. Second-order gradients (reverse over reverse, and ``jax.hessian``) are exact.
+Forward-mode autodiff of the training forward itself (``jax.jvp``, ``jax.jacfwd``) is not
 available through a custom VJP: it raises a ``TypeError`` rather than returning wrong numbers.
 
 Examples
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx.nn.dtypes import canonicalize_dtype
 
 import hbn_core
 from backends._collection import (
@@ -45,8 +48,12 @@ __all__ = [
     "collect_statistics",
     "hbn_layers",
     "hybrid_batch_norm",
+    "output_dtype",
     "set_global_statistics",
 ]
+
+GLOBAL_STATS = "global_stats"
+"""The Linen collection of ``global_mean`` and ``global_var``, :class:`GlobalStatistic`'s name."""
 
 
 # During collect_statistics: id(layer) -> (mode, record(moments)); empty otherwise.
@@ -57,8 +64,34 @@ class GlobalStatistic(nnx.BatchStat):
     """The Variable type of HBN's global statistics.
 
     ``nnx.state(model, GlobalStatistic)`` selects exactly the ``global_mean`` and ``global_var``
-    of every HBN layer.
+    of every HBN layer. Its Linen collection is ``"global_stats"`` (:data:`GLOBAL_STATS`), so
+    ``nnx.bridge`` moves the global statistics between this layer and
+    :class:`backends.flax.linen.HybridBatchNorm`, whose collection it is.
     """
+
+
+nnx.register_variable_name(GLOBAL_STATS, GlobalStatistic, overwrite=True)
+
+
+def output_dtype(
+    x: jax.Array,
+    scale: jax.Array | None,
+    offset: jax.Array | None,
+    *,
+    dtype: Any,
+    float32_statistics: bool,
+) -> Any:
+    """The dtype Flax's BatchNorm returns for these arguments; HBN's layers return it too.
+
+    ``dtype`` when it is given. Otherwise ``jnp.result_type(x, scale, offset)``, made inexact,
+    with float32 among the arguments when ``float32_statistics``: ``nnx.BatchNorm`` promotes its
+    input with its running statistics, which are float32 whatever ``param_dtype``, so that
+    bfloat16 or float16 inputs give float32 outputs. ``flax.linen.BatchNorm`` does not
+    (``float32_statistics=False``): half-precision inputs keep their dtype there when the
+    parameters are half-precision too, or absent. None stands for an absent parameter.
+    """
+    statistics = (np.zeros((), np.float32),) if float32_statistics else ()
+    return canonicalize_dtype(x, scale, offset, *statistics, dtype=dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -129,7 +162,10 @@ class HybridBatchNorm(nnx.Module):
     epsilon
         Added to the variance.
     dtype
-        The dtype of the output; by default that of the input.
+        The dtype of the output, as for ``nnx.BatchNorm``: by default
+        ``result_type(x, float32, scale, bias)`` (:func:`output_dtype`), so half-precision
+        inputs give float32. The input is cast to it before normalisation, which computes in
+        at least float32.
     param_dtype
         The dtype of ``scale``, ``bias``, ``alpha`` and the global statistics.
     use_bias, use_scale
@@ -177,7 +213,10 @@ class HybridBatchNorm(nnx.Module):
         self.global_var = GlobalStatistic(jnp.ones(shape, param_dtype))
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        """Normalise ``x``: the hybrid forward in training, the global statistics otherwise."""
+        """Normalise ``x``: the hybrid forward in training, the global statistics otherwise.
+
+        The output has :func:`output_dtype`, the dtype ``nnx.BatchNorm`` returns.
+        """
         inference = self.use_running_average if use_running_average is None else use_running_average
         self._check_input(x)
         recorder = _RECORDERS.get(id(self))
@@ -185,16 +224,32 @@ class HybridBatchNorm(nnx.Module):
             mode, record = recorder
             record(hbn_core.moments(x, channel_axis=self.axis, xp=jnp))
             inference = mode == "global"
-        scale, offset = self._affine()
+        scale = None if self.scale is None else self.scale[...]
+        offset = None if self.bias is None else self.bias[...]
+        x = x.astype(output_dtype(x, scale, offset, dtype=self.dtype, float32_statistics=True))
+        alpha = self.alpha[...]
+        scale = jnp.ones_like(alpha) if scale is None else scale
+        offset = jnp.zeros_like(alpha) if offset is None else offset
         statistics = (self.global_mean[...], self.global_var[...])
         if inference:
-            y = hbn_core.hbn_inference(
+            return hbn_core.hbn_inference(
                 x, scale, offset, *statistics, channel_axis=self.axis, eps=self.epsilon, xp=jnp
             )
-        else:
-            alpha = self.alpha[...]
-            y = hybrid_batch_norm(x, scale, offset, alpha, *statistics, self.axis, self.epsilon)
-        return y if self.dtype is None else y.astype(self.dtype)
+        return hybrid_batch_norm(x, scale, offset, alpha, *statistics, self.axis, self.epsilon)
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Set the mode for :func:`flax.nnx.view`, as ``nnx.BatchNorm.set_view`` does.
+
+        ``nnx.view(model, use_running_average=True)`` returns a view of ``model`` whose HBN
+        layers (and BatchNorms) use the global statistics only; ``False`` gives the hybrid
+        training forward; None leaves the mode as it is.
+
+        Args:
+          use_running_average: if True, the global statistics are used instead of the hybrid
+            of batch and global statistics.
+        """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
 
     def _check_input(self, x: jax.Array) -> None:
         if (
@@ -208,12 +263,6 @@ class HybridBatchNorm(nnx.Module):
                 f"{tuple(x.shape)}."
             )
             raise ValueError(msg)
-
-    def _affine(self) -> tuple[jax.Array, jax.Array]:
-        alpha = self.alpha[...]
-        scale = jnp.ones_like(alpha) if self.scale is None else self.scale[...]
-        offset = jnp.zeros_like(alpha) if self.bias is None else self.bias[...]
-        return scale, offset
 
     @classmethod
     def from_batchnorm(cls, batchnorm: nnx.BatchNorm) -> HybridBatchNorm:

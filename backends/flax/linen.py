@@ -29,7 +29,7 @@ import numpy as np
 import hbn_core
 from backends._collection import CollectionMode, check_collection_mode, empty_moments
 from backends._global_statistics import checked_global_statistics
-from backends.flax import hybrid_batch_norm
+from backends.flax import GLOBAL_STATS, hybrid_batch_norm, output_dtype
 from hbn_core import Moments
 
 if TYPE_CHECKING:
@@ -44,8 +44,6 @@ __all__ = [
     "set_global_statistics",
 ]
 
-GLOBAL_STATS = "global_stats"
-"""The collection of ``global_mean`` and ``global_var``."""
 MOMENTS = "hbn_moments"
 """The collection the layers sow their input moments into during :func:`collect_statistics`."""
 
@@ -72,7 +70,9 @@ class HybridBatchNorm(nn.Module):
     epsilon
         Added to the variance.
     dtype
-        The dtype of the output; by default that of the input.
+        The dtype of the output, as for ``flax.linen.BatchNorm``: by default
+        ``result_type(x, scale, bias)`` (:func:`backends.flax.output_dtype`). The input is cast
+        to it before normalisation, which computes in at least float32.
     param_dtype
         The dtype of the parameters and the global statistics.
     use_bias, use_scale
@@ -104,12 +104,12 @@ class HybridBatchNorm(nn.Module):
         scale = (
             self.param("scale", nn.initializers.ones, shape, self.param_dtype)
             if self.use_scale
-            else jnp.ones_like(alpha)
+            else None
         )
         offset = (
             self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
             if self.use_bias
-            else jnp.zeros_like(alpha)
+            else None
         )
         global_mean = self.variable(GLOBAL_STATS, "global_mean", jnp.zeros, shape, self.param_dtype)
         global_var = self.variable(GLOBAL_STATS, "global_var", jnp.ones, shape, self.param_dtype)
@@ -117,14 +117,15 @@ class HybridBatchNorm(nn.Module):
         if mode is not None and self.is_mutable_collection(MOMENTS):
             self.sow(MOMENTS, "input_moments", hbn_core.moments(x, channel_axis=self.axis, xp=jnp))
             inference = mode == "global"
+        x = x.astype(output_dtype(x, scale, offset, dtype=self.dtype, float32_statistics=False))
+        scale = jnp.ones_like(alpha) if scale is None else scale
+        offset = jnp.zeros_like(alpha) if offset is None else offset
         statistics = (global_mean.value, global_var.value)
         if inference:
-            y = hbn_core.hbn_inference(
+            return hbn_core.hbn_inference(
                 x, scale, offset, *statistics, channel_axis=self.axis, eps=self.epsilon, xp=jnp
             )
-        else:
-            y = hybrid_batch_norm(x, scale, offset, alpha, *statistics, self.axis, self.epsilon)
-        return y if self.dtype is None else y.astype(self.dtype)
+        return hybrid_batch_norm(x, scale, offset, alpha, *statistics, self.axis, self.epsilon)
 
 
 @contextlib.contextmanager
