@@ -24,7 +24,9 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from federation.checkpoint import CheckpointError
 from federation.config import ConfigError, load_config, parse_config
+from federation.protocol import RoundFailedError
 from federation.repro import (
     PROFILES,
     export_runs,
@@ -33,16 +35,16 @@ from federation.repro import (
     write_report,
 )
 from federation.runner import run
-from federation.simulation import RoundFailedError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from federation.client import Client
     from federation.config import Config
-    from federation.repro import Run
+    from federation.protocol import RoundRecord
+    from federation.repro import Run, RunResult
     from federation.runner import Result
-    from federation.simulation import RoundRecord, Simulation
+    from federation.simulation import Simulation
 
 __all__ = ["main"]
 
@@ -118,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ImportError) as error:
         console.print(f"[red]cannot start:[/red] {error}")
         return 2
+    except CheckpointError as error:
+        console.print(f"[red]cannot resume:[/red] {error}")
+        return 2
     except RoundFailedError as error:
         console.print(f"[red]round failed:[/red] {error}")
         return 1
@@ -158,6 +163,8 @@ def _run_with_progress(config: Config, arguments: argparse.Namespace, console: C
         metrics = f"train loss {record.train_loss:.3f}"
         if record.accuracy is not None:
             metrics = f"acc {record.accuracy:.3f} loss {record.loss:.3f}"
+        elif record.evaluation_error is not None:
+            metrics += ", evaluation failed"
         progress.update(rounds, advance=1, status=metrics)
         progress.update(steps, completed=0, visible=record.round < config.rounds)
 
@@ -191,10 +198,10 @@ def _repro(arguments: argparse.Namespace, console: Console, argv: Sequence[str] 
     done = len(list((out / "runs").glob("*.json"))) if (out / "runs").exists() else 0
     progress.update(task, completed=done)
 
-    def on_done(run: Run, result: dict[str, object]) -> None:
-        summary = result["summary"]
-        accuracy = summary["last10_mean_accuracy"] if isinstance(summary, dict) else None
-        progress.update(task, advance=1, status=f"{run.run_id}: {accuracy:.3f}")
+    def on_done(run: Run, result: RunResult) -> None:
+        accuracy = result.summary.last10_mean_accuracy
+        shown = "-" if accuracy is None else f"{accuracy:.3f}"
+        progress.update(task, advance=1, status=f"{run.run_id}: {shown}")
 
     try:
         with progress:
@@ -234,10 +241,11 @@ def _final_table(result: Result) -> Table:
             f"{record.seconds['total']:.2f}",
         )
     summary = result.summary
-    if summary["last10_mean_accuracy"] is not None:
+    if summary.last10_mean_accuracy is not None:
+        ci = "" if summary.last10_ci95 is None else f" ± {summary.last10_ci95:.3f} (95% CI)"
         table.caption = (
             f"mean accuracy of the last {min(10, len(result.history))} evaluated rounds: "
-            f"{summary['last10_mean_accuracy']:.3f} ± {summary['last10_ci95']:.3f} (95% CI)"
+            f"{summary.last10_mean_accuracy:.3f}{ci}"
         )
     return table
 

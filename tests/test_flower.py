@@ -230,7 +230,7 @@ def test_a_flower_simulation_of_torch_and_flax_nodes_equals_the_embedded_simulat
     for flower_round in strategy.history:
         record = embedded.run_round()
         assert len(flower_round.statistics_nodes) == len(flower_round.trained_nodes) == 6
-        assert flower_round.faults == []
+        assert flower_round.faults == ()
         assert_statistics_equal(flower_round.statistics, embedded.global_statistics())
         assert flower_round.accuracy == pytest.approx(record.accuracy, abs=2 / len(DIGITS.y_test))
     assert sorted(strategy.client_ids.values()) == list(range(6))

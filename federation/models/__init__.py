@@ -16,7 +16,7 @@ import dataclasses
 import importlib
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, get_args
 
-from federation.layout import Kind, Layout, Role, TensorSpec
+from federation.layout import HBNPart, HBNTensor, Kind, Layout, Role, TensorSpec
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -177,11 +177,13 @@ class ModelSpec:
             vector = TensorSpec((layer.out_features,), Role.PERSONAL)
         tensors = {f"{layer.name}.weight": vector, f"{layer.name}.bias": vector}
         if self.norm == "hbn":
-            statistic = TensorSpec((layer.out_features,), Role.STATISTICS)
+            shape = (layer.out_features,)
             if self.hybrid == "learned":
-                tensors[f"{layer.name}.alpha"] = TensorSpec((layer.out_features,), Role.PERSONAL)
-            tensors[f"{layer.name}.global_mean"] = statistic
-            tensors[f"{layer.name}.global_var"] = statistic
+                alpha = HBNTensor(layer.name, HBNPart.ALPHA)
+                tensors[f"{layer.name}.alpha"] = TensorSpec(shape, Role.PERSONAL, hbn=alpha)
+            for part in (HBNPart.GLOBAL_MEAN, HBNPart.GLOBAL_VAR):
+                hbn = HBNTensor(layer.name, part)
+                tensors[f"{layer.name}.{part}"] = TensorSpec(shape, Role.STATISTICS, hbn=hbn)
         elif self.norm == "bn":
             tensors[f"{layer.name}.running_mean"] = vector
             tensors[f"{layer.name}.running_var"] = vector
