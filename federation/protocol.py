@@ -38,7 +38,7 @@ from federation.layout import HBNPart, Role, check_state, select
 from hbn_core import Moments
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from federation.config import ClientsConfig, Config, StatisticsConfig, TrainConfig
     from federation.layout import Layout, State
@@ -59,6 +59,7 @@ __all__ = [
     "check_report",
     "check_update",
     "evaluates",
+    "exact_pool",
     "fedavg",
     "first_personal",
     "freezes_statistics",
@@ -75,6 +76,7 @@ __all__ = [
     "seeded_rng",
     "sends_personal",
     "server_step",
+    "statistics_momentum",
     "statistics_state",
     "with_record",
 ]
@@ -403,16 +405,29 @@ def statistics_state(
     return state
 
 
+def exact_pool(parts: Sequence[Moments], weights: np.ndarray | None) -> Moments:
+    """The exact pool of one layer's moments (:func:`hbn_core.pool_moments`, Chan's merge).
+
+    Without ``weights`` it is the moments of all the elements together; with them, the
+    mixture whose components weigh ``weights``.
+    """
+    return hbn_core.pool_moments(parts, weights=weights)
+
+
 def pool_statistics(
-    reports: Sequence[StatisticsReport], settings: StatisticsConfig
+    reports: Sequence[StatisticsReport],
+    settings: StatisticsConfig,
+    *,
+    aggregator: Callable[[Sequence[Moments], np.ndarray | None], Moments] = exact_pool,
 ) -> GlobalStatistics:
     """Pool the clients' moments per HBN layer into global ``(mean, var)``, in float64.
 
-    With ``weighting = "elements"`` the pool is exact: the moments of all forwarded elements
-    together (:func:`hbn_core.pool_moments`). With ``"dataset"`` each client's moments are a
-    mixture component of weight proportional to its data-set size. The variance is
-    ``m2 / count`` (``"population"``), or the authors' ``m2 / (count - count / examples)``,
-    their Bessel correction over examples (``"bessel-examples"``, D5).
+    ``aggregator`` merges one layer's moments; by default the pool is exact. With
+    ``weighting = "elements"`` it is then the moments of all forwarded elements together; with
+    ``"dataset"`` each client's moments are a mixture component of weight proportional to its
+    data-set size. The variance is ``m2 / count`` (``"population"``), or the authors'
+    ``m2 / (count - count / examples)``, their Bessel correction over examples
+    (``"bessel-examples"``, D5).
     """
     weights = None
     if settings.weighting == "dataset":
@@ -421,7 +436,7 @@ def pool_statistics(
     pooled: GlobalStatistics = {}
     for name in reports[0].moments:
         parts = [_float64(r.moments[name]) for r in reports]
-        total = hbn_core.pool_moments(parts, weights=weights)
+        total = aggregator(parts, weights)
         count = float(total.count)
         if settings.variance == "bessel-examples":
             denominator = count - count / examples if examples > 1 else count
@@ -451,15 +466,26 @@ def blend_statistics(
     }
 
 
+def statistics_momentum(settings: StatisticsConfig, round_index: int) -> float:  # noqa: ARG001
+    """The EMA weight of round ``round_index``'s pool: ``statistics.momentum`` in every round."""
+    return settings.momentum
+
+
 def next_statistics(
     state: State,
     reports: Sequence[StatisticsReport],
     settings: StatisticsConfig,
     layers: Mapping[str, HBNLayer],
+    round_index: int,
 ) -> GlobalStatistics:
-    """The global statistics after a round: ``state``'s blended with the pool of ``reports``."""
+    """The global statistics after round ``round_index``: ``state``'s, blended with the pool.
+
+    The pool of ``reports`` (:func:`pool_statistics`) is blended with the weight of
+    :func:`statistics_momentum`.
+    """
     pooled = pool_statistics(reports, settings)
-    return blend_statistics(global_statistics(state, layers), pooled, settings.momentum)
+    momentum = statistics_momentum(settings, round_index)
+    return blend_statistics(global_statistics(state, layers), pooled, momentum)
 
 
 # -- weights ------------------------------------------------------------------------------------
@@ -562,7 +588,9 @@ def aggregate_round(
     )
     global_state = dict(shared)
     if layers:
-        statistics = next_statistics(state.global_state, reports, config.statistics, layers)
+        statistics = next_statistics(
+            state.global_state, reports, config.statistics, layers, state.rounds_done
+        )
         global_state |= statistics_state(statistics, layers, state.global_state)
     personal_average = state.personal_average
     if sends_personal(config):

@@ -190,10 +190,33 @@ def test_next_statistics_blend_the_exact_pool_into_the_previous_statistics():
     ]
     state = {"n.global_mean": np.full(2, 2.0), "n.global_var": np.full(2, 5.0)}
     settings = parse_config({"statistics": {"momentum": 0.25}}).statistics
-    mean, var = protocol.next_statistics(state, reports, settings, LAYERS)["n"]
+    mean, var = protocol.next_statistics(state, reports, settings, LAYERS, 0)["n"]
     union = np.concatenate(parts)
     np.testing.assert_allclose(mean, 0.75 * 2.0 + 0.25 * union.mean(0), rtol=1e-12)
     np.testing.assert_allclose(var, 0.75 * 5.0 + 0.25 * union.var(0), rtol=1e-12)
+
+
+def test_pooling_merges_each_layer_with_the_aggregator_it_is_given():
+    reports = [
+        report(count=4),
+        report(count=8)._replace(
+            moments={"n": Moments(np.asarray(8), np.full(2, 3.0), np.full(2, 16.0))}
+        ),
+    ]
+    settings = parse_config({}).statistics
+    seen = []
+
+    def first_only(parts, weights):
+        seen.append((len(parts), weights))
+        return parts[0]
+
+    mean, var = protocol.pool_statistics(reports, settings, aggregator=first_only)["n"]
+    assert seen == [(2, None)]
+    np.testing.assert_array_equal(mean, [0.0, 0.0])
+    np.testing.assert_array_equal(var, [0.25, 0.25])
+    exact_mean, exact_var = protocol.pool_statistics(reports, settings)["n"]
+    np.testing.assert_allclose(exact_mean, [2.0, 2.0])
+    np.testing.assert_allclose(exact_var, (1 + 16 + 4 * 4 + 8 * 1) / 12)
 
 
 @given(momentum=floats(0.05, 0.95), seed=st.integers(0, 2**32 - 1))

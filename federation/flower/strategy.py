@@ -181,7 +181,7 @@ class HBNStrategy:
             reports = self._query_statistics(server_round, nodes, arrays, grid, faults)
             settings = self.hbn_config.statistics
             statistics = protocol.next_statistics(
-                state, list(reports.values()), settings, self.hbn_layers
+                state, list(reports.values()), settings, self.hbn_layers, server_round - 1
             )
         self._clock = time.perf_counter()
         self._pending = FlowerRound(
