@@ -14,13 +14,25 @@ Conventions
 """
 
 from hbn_core._hbn import HBNResiduals, hbn_backward, hbn_forward, hbn_inference
-from hbn_core._moments import Moments, merge_moments, moments, pool_moments, variance
+from hbn_core._moments import (
+    FLOAT32_MAX,
+    MAX_COUNT,
+    Moments,
+    check_moments,
+    merge_moments,
+    moments,
+    pool_moments,
+    variance,
+)
 from hbn_core._validation import ChannelAxisError
 
 __all__ = [
+    "FLOAT32_MAX",
+    "MAX_COUNT",
     "ChannelAxisError",
     "HBNResiduals",
     "Moments",
+    "check_moments",
     "hbn_backward",
     "hbn_forward",
     "hbn_inference",
