@@ -320,27 +320,55 @@ def pool_moments(
     for i, part in enumerate(parts[1:], start=1):
         _check_channels(f"parts[{i}]", part, num_channels, xp)
     total_count = _sum_counts({f"parts[{i}].count": p.count for i, p in enumerate(parts)})
+    counts, means, m2s = stacked_parts(parts, xp=xp)
+    if weights is not None:
+        counts, m2s = _reweight(counts, m2s, weights, xp=xp)
+    mean, m2 = pool_columns(xp.reshape(counts, (-1, 1)), means, m2s, xp=xp)
+    return Moments(total_count, mean, m2)
 
+
+def stacked_parts(parts: Sequence[Moments], *, xp: ArrayNamespace) -> tuple[Array, Array, Array]:
+    """The parts' counts ``(K,)``, means ``(K, C)`` and m2s ``(K, C)``, in one floating dtype.
+
+    The dtype is ``result_type`` of the parts' means and m2s. The parts must have been checked.
+    """
     dtype = xp.result_type(*(p.mean for p in parts), *(p.m2 for p in parts))
-    counts = xp.stack([xp.astype(p.count, dtype, copy=False) for p in parts])
-    part_means = [xp.astype(p.mean, dtype, copy=False) for p in parts]
-    m2s = xp.stack([xp.astype(p.m2, dtype, copy=False) for p in parts])
-    magnitudes = (_magnitude(mean, xp) for mean in part_means)
-    big, scale = _magnitude_scale(functools.reduce(lambda a, b: _larger(a, b, xp), magnitudes), xp)
-    means = xp.stack(part_means) / xp.reshape(scale, (1, -1))
-
-    if weights is None:
-        part_counts, part_m2s = counts, m2s
-    else:
-        part_counts, part_m2s = _reweight(counts, m2s, weights, xp=xp)
-    total = xp.sum(part_counts)
-    column = xp.reshape(part_counts, (-1, 1))
-    mean = xp.sum(column * means, axis=0) / xp.where(total > 0, total, xp.ones_like(total))
-    deviations = means - xp.reshape(mean, (1, -1))
-    between = xp.sum(column * deviations * deviations, axis=0) * scale * scale
-    return Moments(
-        total_count, _clamp_units(mean, big, xp) * scale, xp.sum(part_m2s, axis=0) + between
+    return (
+        xp.stack([xp.astype(p.count, dtype, copy=False) for p in parts]),
+        xp.stack([xp.astype(p.mean, dtype, copy=False) for p in parts]),
+        xp.stack([xp.astype(p.m2, dtype, copy=False) for p in parts]),
     )
+
+
+def pool_columns(
+    counts: Array, means: Array, m2s: Array, *, xp: ArrayNamespace
+) -> tuple[Array, Array]:
+    r"""Pool ``(K, C)`` means and m2s exactly, channel by channel: the pooled mean and m2.
+
+    ``counts`` is ``(K, 1)``, one count per part, or ``(K, C)``, a count per part and channel
+    (0 leaves a part out of a channel; its m2 must then be 0 too). With
+    :math:`N_c = \sum_k n_{kc}`,
+
+    .. math::
+
+        \bar x_c = \frac{1}{N_c}\sum_k n_{kc} \bar x_{kc}, \qquad
+        M_{2,c} = \sum_k M_{2,kc} + \sum_k n_{kc} (\bar x_{kc} - \bar x_c)^2,
+
+    computed in units of the largest mean where that is huge (:func:`_magnitude_scale`), so
+    that no intermediate overflows. A channel with :math:`N_c = 0` gets mean 0.
+    """
+    magnitudes = _magnitude(means, xp)
+    largest = functools.reduce(
+        lambda a, b: _larger(a, b, xp), (magnitudes[k, ...] for k in range(int(means.shape[0])))
+    )
+    big, scale = _magnitude_scale(largest, xp)
+    means = means / xp.reshape(scale, (1, -1))
+    counts = counts * xp.ones_like(means)  # (K, C) either way: one computation, to the bit
+    total = xp.sum(counts, axis=0)
+    mean = xp.sum(counts * means, axis=0) / xp.where(total > 0, total, xp.ones_like(total))
+    deviations = means - xp.reshape(mean, (1, -1))
+    between = xp.sum(counts * deviations * deviations, axis=0) * scale * scale
+    return _clamp_units(mean, big, xp) * scale, xp.sum(m2s, axis=0) + between
 
 
 def _sum_counts(counts: dict[str, Array]) -> Array:
