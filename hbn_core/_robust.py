@@ -81,11 +81,13 @@ def trimmed_pool(
     honest extremes. Byzantine parts can still shift the result within that honest envelope:
     a subtle shift, inside the honest spread, is not detectable.
 
-    **Cost when all are honest.** Each channel pools the data of :math:`K -` ``trim`` parts:
-    for parts of equal size and distribution, the variance of the pooled mean grows by
-    :math:`K / (K - \text{trim})` (1.25 for 2 of 10). Under non-IID data the dropped parts
-    are the atypical ones, so the pooled statistics lean toward the typical part: the
-    between-part spread is underestimated.
+    **Cost when all are honest.** Each channel pools :math:`K -` ``trim`` parts, dropped on
+    one side only. For 10 parts of equal size and one normal law, the efficiency relative to
+    the exact pool (the ratio of the variances of the estimates) is measured at 0.72 for the
+    mean and 0.81 for the variance with ``trim = 1``, and 0.61 and 0.69 with ``trim = 2``
+    (``benchmarks/robust_pools.py``). Under non-IID data the dropped parts are the atypical
+    ones, so the pooled statistics lean toward the typical part: the between-part spread is
+    underestimated.
 
     Parameters
     ----------
@@ -162,12 +164,12 @@ def median_of_means_pool(
     biased standard deviations, whatever the Byzantine parts report (count included). A subtle
     shift inside that range is not detectable.
 
-    **Cost when all are honest.** The median of :math:`B` group means estimates the mean of
-    equal, normal groups with variance :math:`\pi/2` times that of their average for large
-    :math:`B` (relative efficiency :math:`2/\pi \approx 0.64`); for :math:`B = 3` the median of
-    three has efficiency about 0.74. With fewer, larger groups (:math:`B = 2f + 1`) the cost
-    is smaller than the coordinate-wise median over all parts. Under non-IID data, unequal
-    groups also make the median lean toward the typical group.
+    **Cost when all are honest.** The median of :math:`B` equal normal group means has
+    efficiency :math:`2/\pi \approx 0.64` relative to their average for large :math:`B`, and
+    about 0.74 for :math:`B = 3`. For 10 parts of equal size and one normal law it is measured
+    at 0.74 (mean) and 0.74 (variance) with ``groups = 3``, 0.69 and 0.70 with ``groups = 5``,
+    and 0.72 and 0.73 with ``groups = 10`` (``benchmarks/robust_pools.py``). Under non-IID
+    data the median leans toward the typical group.
 
     Parameters
     ----------
