@@ -612,11 +612,15 @@ def test_trainable_batches_skip_only_single_value_batchnorm_batches(
     )
 
 
-def test_fewest_norm_positions_follow_the_feature_maps():
-    assert option_spec("mlp", "bn").fewest_norm_positions() == 1
-    assert option_spec("simple-cnn", "bn").fewest_norm_positions() == 2 * 4  # (8, 16) / 4
-    assert make_spec("simple-cnn", "bn", (1, 8, 8)).fewest_norm_positions() == 4
-    assert make_spec("simple-cnn", "bn", (3, 17, 27)).fewest_norm_positions() == 4 * 6
+@pytest.mark.parametrize(
+    ("architecture", "shape"), [(a, s) for a, shapes in SHAPES.items() for s in shapes]
+)
+@pytest.mark.parametrize("norm", NORMS)
+def test_norm_positions_are_the_elements_per_example_at_each_norm(architecture, shape, norm):
+    spec = make_spec(architecture, norm, shape)
+    expected = norm_input_sizes(spec) if norm != "none" else {}
+    assert spec.norm_positions() == expected
+    assert list(expected) == spec.norm_layers()
 
 
 TINY_METHODS = ["hbn", "hbn-authors", "fbn", "bn", "fedbn", "fixbn", "gn", "ln", "fedfn", "none"]

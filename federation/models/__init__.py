@@ -157,17 +157,21 @@ class ModelSpec:
         """The canonical names of the norm layers."""
         return [layer.name for layer in self.layers() if layer.kind == "norm"]
 
-    def fewest_norm_positions(self) -> int:
-        r"""The fewest values per channel that one example gives a norm layer.
+    def norm_positions(self) -> dict[str, int]:
+        r"""Each norm layer's values per channel for one example, by canonical name.
 
-        1 for the MLP's norm, which follows a dense layer; for the Simple-CNN, the size
-        :math:`H \times W` of the smallest map a norm follows (the last conv's, at least 4).
+        1 for the MLP's norm, which follows a dense layer; :math:`H_k \times W_k` for the
+        Simple-CNN's ``norm{k}``, the size of the map of ``conv{k}``
+        (:math:`\lfloor H / 2^{k-1} \rfloor` by :math:`\lfloor W / 2^{k-1} \rfloor`). An HBN
+        layer's element count for ``e`` examples is ``e`` times this.
         """
-        if self.architecture == "mlp":
-            return 1
+        if self.architecture == "mlp" or self.norm == "none":
+            return dict.fromkeys(self.norm_layers(), 1)
         _, height, width = self.input_shape
-        shrink = 1 << (len(self.channels) - 1)
-        return (height // shrink) * (width // shrink)
+        return {
+            f"norm{k}": (height >> (k - 1)) * (width >> (k - 1))
+            for k in range(1, len(self.channels) + 1)
+        }
 
     def layout(self) -> Layout:
         """Every canonical tensor of the model, with its shape, role and layout kind."""
@@ -300,7 +304,9 @@ def trainable_batches(
     step and no example counted. HBN layers train on any batch (the global half of their
     mixture normalises it), and FBN and frozen statistics use no batch statistics.
     """
-    skips_single = spec.norm == "bn" and not freeze_statistics and spec.fewest_norm_positions() == 1
+    skips_single = (
+        spec.norm == "bn" and not freeze_statistics and min(spec.norm_positions().values()) == 1
+    )
     for batch in batches:
         if not (skips_single and len(batch[1]) == 1):
             yield batch
