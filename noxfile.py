@@ -1,13 +1,16 @@
 """nox sessions; CI (``.ci/run``) runs the README's test command.
 
-``nox -s tests-core tests-torch tests-jax tests-tf tests-cross tests-flower lint`` is CI.
+``nox -s tests-core tests-torch tests-jax tests-tf tests-cross tests-flower lint docs package``
+is CI.
 
 Each framework's session installs only that framework with the test dependencies, and fails,
 rather than skips, if that framework's tests did not run (``HBN_REQUIRE``, see
 ``tests/conftest.py``). ``bench`` runs the benchmarks and writes ``docs/benchmarks.md``, and
 ``repro`` the reproduction grid (``docs/results.md``); CI runs neither (the quick profile of
-``repro`` runs in tests-torch). Set ``HYPOTHESIS_PROFILE=dev`` for longer property searches
-than CI's profile.
+``repro`` runs in tests-torch). ``docs`` builds the documentation site with ``--strict``, and
+``package`` builds the sdist and wheel and tests the wheel installed outside the source
+tree; CI runs both. Set ``HYPOTHESIS_PROFILE=dev`` for longer property searches than CI's
+profile.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import functools
 import os
 import pathlib
 import shutil
+import tarfile
+import tempfile
+import time
 from collections.abc import Callable
 
 import nox
@@ -29,7 +35,7 @@ TORCH = "torch==2.13.0"
 # step's full-size temporaries reuse warm pages, as in a training loop's steady state. Without it,
 # fresh pages made the large-shape times of the benchmarks vary twofold from run to run.
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
-FRAMEWORK_MARKERS = "torch or jax or tf or cross or flower"
+FRAMEWORK_MARKERS = "torch or jax or tf or cross or flower or docs"
 DOCTESTS = ("--doctest-modules", "--doctest-glob=*.md")
 
 
@@ -55,9 +61,11 @@ def removed_on_ci(run_session: SessionFunction) -> SessionFunction:
     return run_then_remove
 
 
-def run_pytest(session: nox.Session, *args: str, require: str) -> None:
+def run_pytest(
+    session: nox.Session, *args: str, require: str, env: dict[str, str] | None = None
+) -> None:
     """Run pytest; ``require`` lists the markers that must pass at least one test."""
-    session.run("pytest", *args, *session.posargs, env={"HBN_REQUIRE": require})
+    session.run("pytest", *args, *session.posargs, env={"HBN_REQUIRE": require, **(env or {})})
 
 
 @nox.session(name="tests-core")
@@ -156,6 +164,97 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")
+
+
+@nox.session
+@removed_on_ci
+def docs(session: nox.Session) -> None:
+    """The documentation site: ``mkdocs build --strict`` into site/, then the site's tests.
+
+    A broken link or reference fails the build. The API pages are read from the source
+    without importing it: this session installs no machine-learning framework, and the build
+    fails if it imported one (tools/mkdocs_hooks.py).
+    """
+    session.install("-e", ".[docs,test]")
+    started = time.perf_counter()
+    session.run(
+        "mkdocs", "build", "--strict", "--site-dir", "site", env={"NO_MKDOCS_2_WARNING": "1"}
+    )
+    session.log(f"the site built in {time.perf_counter() - started:.1f} s")
+    run_pytest(
+        session,
+        "-m",
+        "docs",
+        "tests/test_packaging.py",
+        require="docs",
+        env={"HBN_DOCS_SITE": "site"},
+    )
+
+
+# Tracked files that only CI and git use; everything else that git tracks is in the sdist.
+NOT_IN_SDIST = frozenset({".ci/run", ".gitignore"})
+
+
+@nox.session
+@removed_on_ci
+def package(session: nox.Session) -> None:
+    """Build the sdist and the wheel, check them, and test the wheel installed elsewhere.
+
+    ``python -m build`` builds the wheel from the sdist (so the sdist holds what building
+    needs); ``twine check --strict`` checks the metadata and ``cffconvert`` CITATION.cff; the
+    sdist is listed against the files git tracks. Then a fresh virtual environment installs
+    the wheel (not ``-e``) with the torch and federation extras, and tools/check_wheel.py runs
+    there from a folder outside the source tree: the packages import, a HybridBatchNorm2d
+    trains through the C++ operator built from the wheel's own source, and ``hbn-fed demo
+    --set rounds=2`` writes results.json.
+    """
+    session.install("build", "twine>=6.1", "cffconvert>=2")
+    source = pathlib.Path(__file__).parent.resolve()
+    with tempfile.TemporaryDirectory(prefix="hbn-package-") as folder:  # outside the tree
+        work = pathlib.Path(folder)
+        dist = work / "dist"
+        session.run("python", "-m", "build", "--outdir", str(dist))
+        (sdist,) = dist.glob("*.tar.gz")
+        (wheel,) = dist.glob("*.whl")
+        session.run("twine", "check", "--strict", str(sdist), str(wheel))
+        session.run("cffconvert", "--validate", "--infile", "CITATION.cff")
+        _check_sdist_holds_tracked_files(session, sdist)
+
+        started = time.perf_counter()
+        environment = work / "venv"
+        session.run("python", "-m", "venv", str(environment))
+        python = str(environment / "bin" / "python")
+        session.run(
+            python, "-m", "pip", "install", "--quiet", TORCH, f"{wheel}[torch,federation]",
+            external=True,
+        )  # fmt: skip
+        session.log(f"the wheel installed in {time.perf_counter() - started:.0f} s")
+        started = time.perf_counter()
+        outside = work / "outside"
+        outside.mkdir()
+        shutil.copy(source / "tools" / "check_wheel.py", outside)
+        with session.chdir(outside):
+            session.run(
+                python, "check_wheel.py", str(source), str(outside),
+                external=True,
+                env={"TORCH_EXTENSIONS_DIR": str(work / "torch_extensions")},
+            )  # fmt: skip
+        session.log(f"the installed wheel's checks took {time.perf_counter() - started:.0f} s")
+
+
+def _check_sdist_holds_tracked_files(session: nox.Session, sdist: pathlib.Path) -> None:
+    """Fail unless every file git tracks, but CI's own, is in the sdist."""
+    if shutil.which("git") is None or not pathlib.Path(".git").exists():
+        session.warn("not a git checkout: the sdist's contents are not checked")
+        return
+    tracked = session.run("git", "ls-files", external=True, silent=True)
+    assert isinstance(tracked, str)
+    with tarfile.open(sdist) as archive:
+        packed = {name.partition("/")[2] for name in archive.getnames()}
+    missing = sorted(set(tracked.split()) - packed - NOT_IN_SDIST)
+    if missing:
+        session.error(f"the sdist lacks tracked files: {missing}")
+    session.log(f"the sdist holds all {len(packed)} files it should")
 
 
 @nox.session
