@@ -341,6 +341,21 @@ class StatisticsConfig:
     variance: Literal["population", "bessel-examples"] = option(
         "population", "`m2/count`, or the authors' `m2/(count - count/examples)` (D5)"
     )
+    aggregator: Literal["exact", "trimmed", "median-of-means"] = option(
+        "exact",
+        "how each layer's reports are pooled: exactly, or robustly against lying clients "
+        "(`docs/robustness.md`)",
+    )
+    trim: int = option(
+        1,
+        "`trimmed`: the reports dropped per channel, the lying clients tolerated",
+        bounds=at_least(0, COUNT_CAP),
+    )
+    groups: int = option(
+        3,
+        "`median-of-means`: groups pooled exactly before their median; 2f + 1 tolerates f",
+        bounds=at_least(1, COUNT_CAP),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -502,11 +517,39 @@ def _hybrid_reports_need_a_learned_alpha(config: Config) -> None:
         )
 
 
+def _robust_pools_fit_the_fewest_reports(config: Config) -> None:
+    """A robust pool must work on the fewest reports a round pools: ``clients.min_clients``."""
+    statistics, fewest = config.statistics, config.clients.min_clients
+    if statistics.aggregator == "trimmed":
+        _require(
+            2 * statistics.trim < fewest,
+            "statistics.trim",
+            f"below half of clients.min_clients = {fewest} (a round may pool that few reports)",
+            statistics.trim,
+        )
+    if statistics.aggregator == "median-of-means":
+        _require(
+            statistics.groups <= fewest,
+            "statistics.groups",
+            f"at most clients.min_clients = {fewest} (a round may pool that few reports)",
+            statistics.groups,
+        )
+    if statistics.aggregator != "exact":
+        _require(
+            statistics.weighting == "elements",
+            "statistics.weighting",
+            f"'elements' with statistics.aggregator = {statistics.aggregator!r}, whose pool "
+            "has no mixture weights",
+            statistics.weighting,
+        )
+
+
 # Each rule raises ConfigError naming the key it refuses.
 RULES: tuple[Callable[[Config], None], ...] = (
     _min_clients_within_the_federation,
     _frameworks_cover_every_client,
     _hybrid_reports_need_a_learned_alpha,
+    _robust_pools_fit_the_fewest_reports,
 )
 
 

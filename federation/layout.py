@@ -80,10 +80,16 @@ class HBNPart(enum.StrEnum):
 
 
 class HBNTensor(NamedTuple):
-    """An HBN layer's tensor: the layer's canonical name and which part it is."""
+    """An HBN layer's tensor: the layer's canonical name and which part it is.
+
+    ``positions`` is the layer's values per channel for one example (1 after a dense layer,
+    the map's ``H * W`` after a convolution), where the model declares it: a client's report
+    forwarding ``e`` examples must then count ``e * positions`` elements.
+    """
 
     layer: str
     part: HBNPart
+    positions: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

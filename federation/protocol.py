@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -38,7 +40,7 @@ from federation.layout import HBNPart, Role, check_state, select
 from hbn_core import Moments
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Mapping
 
     from federation.config import ClientsConfig, Config, StatisticsConfig, TrainConfig
     from federation.layout import Layout, State
@@ -58,6 +60,7 @@ __all__ = [
     "blend_statistics",
     "check_report",
     "check_update",
+    "configured_aggregator",
     "evaluates",
     "exact_pool",
     "fedavg",
@@ -66,6 +69,7 @@ __all__ = [
     "global_statistics",
     "hbn_layers",
     "initial_state",
+    "json_safe",
     "learning_rate",
     "local_test_split",
     "model_state",
@@ -83,6 +87,8 @@ __all__ = [
 
 # Each HBN layer's (global_mean, global_var), float64, the variance biased unless configured.
 GlobalStatistics = dict[str, tuple[np.ndarray, np.ndarray]]
+# A pool of one layer's moments: the clients' parts, and their mixture weights (or None).
+Aggregator = Callable[[Sequence[Moments], np.ndarray | None], Moments]
 
 
 # -- random streams and failure -----------------------------------------------------------------
@@ -279,12 +285,17 @@ def sample_clients(
 
 
 class HBNLayer(NamedTuple):
-    """One HBN layer of a layout: its channels and the state names of its tensors."""
+    """One HBN layer of a layout: its channels and the state names of its tensors.
+
+    ``positions`` is its values per channel per example where the layout declares it
+    (:class:`~federation.layout.HBNTensor`), else ``None``.
+    """
 
     channels: int
     global_mean: str
     global_var: str
     alpha: str | None
+    positions: int | None = None
 
 
 def hbn_layers(layout: Layout) -> dict[str, HBNLayer]:
@@ -313,7 +324,8 @@ def hbn_layers(layout: Layout) -> dict[str, HBNLayer]:
             )
             raise ValueError(msg)
         (channels,) = layout[mean].shape
-        layers[layer] = HBNLayer(channels, mean, var, names.get(HBNPart.ALPHA))
+        positions = layout[mean].hbn.positions  # type: ignore[union-attr]
+        layers[layer] = HBNLayer(channels, mean, var, names.get(HBNPart.ALPHA), positions)
     return layers
 
 
@@ -321,31 +333,86 @@ def hbn_layers(layout: Layout) -> dict[str, HBNLayer]:
 
 
 def check_report(report: StatisticsReport, layers: Mapping[str, HBNLayer]) -> None:
-    """Check a client's statistics report against the model's HBN layers before pooling.
+    r"""Check a client's statistics report against the model's HBN layers before pooling.
+
+    A report must describe what the client can hold: ``examples`` forwarded, at most its
+    ``dataset_size``, and for each layer an integer count of exactly ``examples`` times the
+    layer's ``positions`` (a multiple of ``examples`` where the layout does not declare
+    them), with finite means and (biased) variances :math:`M_2/n` that float32 can hold
+    (:func:`hbn_core.check_moments`). A lying client can still report any values in that
+    range; a robust ``statistics.aggregator`` bounds what those do.
 
     Raises
     ------
     ValueError
-        If the layer names differ, a count is not positive, a shape is wrong, a value is not
-        finite, or ``examples``/``dataset_size`` is not a positive integer.
+        If the layer names differ, a count is not the integer the examples imply, a shape is
+        wrong, a value is not finite or beyond float32's range, or ``examples`` or
+        ``dataset_size`` is not a positive integer, or ``examples > dataset_size``.
+    TypeError
+        If a count is not an integer, or a mean or m2 is not floating-point.
     """
     for name in ("examples", "dataset_size"):
         _check_positive_integer(f"the report's `{name}`", getattr(report, name))
+    if report.examples > report.dataset_size:
+        msg = (
+            f"the report's `examples` must be at most its `dataset_size` = "
+            f"{report.dataset_size}; got {report.examples}."
+        )
+        raise ValueError(msg)
     checked_global_statistics(
         report.moments, {name: layer.channels for name, layer in layers.items()}
     )
+    for name, layer in layers.items():
+        moments = report.moments[name]
+        expected = None if layer.positions is None else report.examples * layer.positions
+        hbn_core.check_moments(
+            moments, name=f"the report of layer {name!r}", expected_count=expected
+        )
+        if expected is None and int(moments.count) % report.examples:
+            msg = (
+                f"the report of layer {name!r} must count a multiple of its "
+                f"{report.examples} examples; got {int(moments.count)}."
+            )
+            raise ValueError(msg)
 
 
-def check_update(sent: State, examples: object, layout: Layout, names: Sequence[str]) -> None:
+def check_update(
+    sent: State,
+    examples: object,
+    layout: Layout,
+    names: Sequence[str],
+    *,
+    like: Mapping[str, np.ndarray],
+    train_loss: object = None,
+) -> None:
     """Check a client's training update: exactly ``names``, of the layout's shapes, finite.
+
+    Each tensor must have the dtype of its tensor in ``like`` (the state the client was sent),
+    so that averaging never changes a global tensor's dtype; ``train_loss``, when given, must
+    be a finite number.
 
     Raises
     ------
     ValueError, TypeError
-        As :func:`federation.layout.check_state`, or if ``examples`` is not a positive integer.
+        As :func:`federation.layout.check_state`, or if ``examples`` is not a positive integer,
+        a dtype differs from ``like``'s, or ``train_loss`` is not a finite number.
     """
     check_state(sent, layout, names=list(names))
     _check_positive_integer("the update's `examples`", examples)
+    for name in names:
+        if sent[name].dtype != like[name].dtype:
+            msg = (
+                f"the update's `{name}` must be {like[name].dtype}, the global model's dtype; "
+                f"got {sent[name].dtype}."
+            )
+            raise TypeError(msg)
+    if train_loss is not None and not (
+        isinstance(train_loss, int | float | np.floating)
+        and not isinstance(train_loss, bool)
+        and math.isfinite(train_loss)
+    ):
+        msg = f"the update's training loss must be a finite number; got {train_loss!r}."
+        raise ValueError(msg)
 
 
 def _check_positive_integer(what: str, value: object) -> None:
@@ -414,21 +481,50 @@ def exact_pool(parts: Sequence[Moments], weights: np.ndarray | None) -> Moments:
     return hbn_core.pool_moments(parts, weights=weights)
 
 
+def _trimmed(parts: Sequence[Moments], weights: np.ndarray | None, *, trim: int) -> Moments:
+    del weights  # the configuration allows no mixture weights with a robust pool
+    return hbn_core.trimmed_pool(parts, trim=trim)
+
+
+def _median_of_means(
+    parts: Sequence[Moments], weights: np.ndarray | None, *, groups: int
+) -> Moments:
+    del weights
+    return hbn_core.median_of_means_pool(parts, groups=groups)
+
+
+def configured_aggregator(settings: StatisticsConfig) -> Aggregator:
+    """The pool that ``statistics.aggregator`` names, with its parameter.
+
+    ``"exact"``: :func:`exact_pool`; ``"trimmed"``: :func:`hbn_core.trimmed_pool` with
+    ``statistics.trim``; ``"median-of-means"``: :func:`hbn_core.median_of_means_pool` with
+    ``statistics.groups`` (``docs/robustness.md``).
+    """
+    if settings.aggregator == "trimmed":
+        return functools.partial(_trimmed, trim=settings.trim)
+    if settings.aggregator == "median-of-means":
+        return functools.partial(_median_of_means, groups=settings.groups)
+    return exact_pool
+
+
 def pool_statistics(
     reports: Sequence[StatisticsReport],
     settings: StatisticsConfig,
     *,
-    aggregator: Callable[[Sequence[Moments], np.ndarray | None], Moments] = exact_pool,
+    aggregator: Aggregator | None = None,
 ) -> GlobalStatistics:
     """Pool the clients' moments per HBN layer into global ``(mean, var)``, in float64.
 
-    ``aggregator`` merges one layer's moments; by default the pool is exact. With
+    ``aggregator`` merges one layer's moments; by default it is the configured one
+    (:func:`configured_aggregator`), the exact pool unless ``statistics.aggregator`` says
+    otherwise. With
     ``weighting = "elements"`` it is then the moments of all forwarded elements together; with
     ``"dataset"`` each client's moments are a mixture component of weight proportional to its
     data-set size. The variance is ``m2 / count`` (``"population"``), or the authors'
     ``m2 / (count - count / examples)``, their Bessel correction over examples
     (``"bessel-examples"``, D5).
     """
+    pool = aggregator if aggregator is not None else configured_aggregator(settings)
     weights = None
     if settings.weighting == "dataset":
         weights = np.asarray([r.dataset_size for r in reports], np.float64)
@@ -436,7 +532,7 @@ def pool_statistics(
     pooled: GlobalStatistics = {}
     for name in reports[0].moments:
         parts = [_float64(r.moments[name]) for r in reports]
-        total = aggregator(parts, weights)
+        total = pool(parts, weights)
         count = float(total.count)
         if settings.variance == "bessel-examples":
             denominator = count - count / examples if examples > 1 else count
@@ -607,6 +703,21 @@ def aggregate_round(
 def with_record(state: FederationState, record: RoundRecord) -> FederationState:
     """``state`` with ``record`` appended to its history."""
     return state._replace(history=(*state.history, record))
+
+
+def json_safe(value: object) -> object:
+    """``value`` with every non-finite float as ``None``: what strict JSON can hold.
+
+    Results files are written with ``json.dumps(json_safe(document), allow_nan=False)``, so
+    they never hold the bare ``NaN`` or ``Infinity`` tokens that strict parsers reject.
+    """
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def local_test_split(

@@ -16,6 +16,7 @@ import platform
 import time
 from typing import TYPE_CHECKING
 
+from federation import protocol
 from federation.checkpoint import load_checkpoint, remove_stale_files, save_checkpoint
 from federation.simulation import Simulation
 
@@ -116,7 +117,8 @@ def write_results(result: Result, out_dir: pathlib.Path) -> None:
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     }
-    (out_dir / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+    text = json.dumps(protocol.json_safe(document), indent=2, allow_nan=False)
+    (out_dir / "results.json").write_text(text + "\n")
     plot_accuracy(result.history, out_dir / "accuracy.png", title=_title(simulation))
 
 

@@ -294,8 +294,17 @@ class Simulation:
                 rng=self._rng(Stream.TRAINING, round_index, client.client_id),
             )
 
+        sent_like = {**state.global_state, **state.personal_average}
+
         def check(update: Update) -> None:
-            protocol.check_update(update.sent, update.examples, self.layout, sent_names)
+            protocol.check_update(
+                update.sent,
+                update.examples,
+                self.layout,
+                sent_names,
+                like=sent_like,
+                train_loss=update.train_loss,
+            )
 
         return self._each_client(round_index, "training", sampled, fit, check, faults, progress)
 

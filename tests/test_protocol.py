@@ -58,7 +58,10 @@ def test_the_reference_models_declare_their_hbn_layers(hybrid, alpha):
     layout = ModelSpec("simple-cnn", "hbn", (1, 8, 8), 10, hybrid=hybrid).layout()
     layers = protocol.hbn_layers(layout)
     assert list(layers) == ["norm1", "norm2", "norm3"]
-    assert layers["norm2"] == protocol.HBNLayer(32, "norm2.global_mean", "norm2.global_var", alpha)
+    assert layers["norm2"] == protocol.HBNLayer(
+        32, "norm2.global_mean", "norm2.global_var", alpha, positions=4 * 4
+    )
+    assert [layer.positions for layer in layers.values()] == [8 * 8, 4 * 4, 2 * 2]
     assert protocol.hbn_layers(ModelSpec("mlp", "bn", (1, 8, 8), 10).layout()) == {}
 
 
@@ -139,14 +142,74 @@ def test_check_report_refuses_what_cannot_be_pooled(bad, match):
         protocol.check_report(bad, LAYERS)
 
 
+POSITIONED = {"n": LAYERS["n"]._replace(positions=3)}
+
+
+def moments_report(count: object, mean: float = 0.0, var: float = 1.0) -> StatisticsReport:
+    size = int(count) if isinstance(count, int | np.integer) else 6
+    moments = Moments(np.asarray(count), np.full(2, mean), np.full(2, var * size))
+    return StatisticsReport({"n": moments}, 2, 10)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        (moments_report(7), ValueError, "count` must be 6; got 7"),  # 2 examples x 3 positions
+        (moments_report(2**62), ValueError, "count"),
+        (moments_report(2.7), TypeError, "integer"),
+        (moments_report(6.0), TypeError, "integer"),
+        (moments_report(6, mean=1e39), ValueError, "<= 3.40\\d*e\\+38"),
+        (moments_report(6, mean=1e300), ValueError, "mean` must have every .* <= 3.40"),
+        (moments_report(6, var=1e300), ValueError, "m2 / count` must be <= 3.40"),
+        (report(count=6)._replace(examples=11), ValueError, "at most its `dataset_size`"),
+    ],
+)
+def test_check_report_ties_counts_to_examples_and_values_to_float32(bad, error, match):
+    """A count is examples x positions, an integer; means and variances fit float32."""
+    protocol.check_report(moments_report(6, mean=1e30, var=1e30), POSITIONED)
+    with pytest.raises(error, match=match):
+        protocol.check_report(bad, POSITIONED)
+
+
+def test_without_declared_positions_a_count_must_be_a_multiple_of_the_examples():
+    protocol.check_report(report(count=4, examples=2), LAYERS)
+    with pytest.raises(ValueError, match="multiple of its 2 examples"):
+        protocol.check_report(report(count=5, examples=2), LAYERS)
+
+
 def test_check_update_names_the_tensor_and_refuses_non_positive_examples():
     layout = {"w": TensorSpec((2,), Role.SHARED)}
-    protocol.check_update({"w": np.zeros(2, np.float32)}, 3, layout, ["w"])
+    like = {"w": np.ones(2, np.float32)}
+    protocol.check_update({"w": np.zeros(2, np.float32)}, 3, layout, ["w"], like=like)
     with pytest.raises(ValueError, match="`w` must have shape"):
-        protocol.check_update({"w": np.zeros(3, np.float32)}, 3, layout, ["w"])
+        protocol.check_update({"w": np.zeros(3, np.float32)}, 3, layout, ["w"], like=like)
     for examples in (0, 2.0, True, None):
         with pytest.raises(ValueError, match="`examples` must be a positive integer"):
-            protocol.check_update({"w": np.zeros(2, np.float32)}, examples, layout, ["w"])
+            protocol.check_update(
+                {"w": np.zeros(2, np.float32)}, examples, layout, ["w"], like=like
+            )
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_check_update_refuses_a_dtype_other_than_the_global_models(dtype):
+    layout = {"w": TensorSpec((2,), Role.SHARED)}
+    like = {"w": np.ones(2, np.float32)}
+    with pytest.raises(TypeError, match="`w` must be float32, the global model's dtype"):
+        protocol.check_update({"w": np.zeros(2, dtype)}, 3, layout, ["w"], like=like)
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), "0.1", True])
+def test_check_update_refuses_a_training_loss_that_is_not_a_finite_number(loss):
+    layout = {"w": TensorSpec((2,), Role.SHARED)}
+    state = {"w": np.ones(2, np.float32)}
+    protocol.check_update(state, 3, layout, ["w"], like=state, train_loss=0.25)
+    with pytest.raises(ValueError, match="training loss must be a finite number"):
+        protocol.check_update(state, 3, layout, ["w"], like=state, train_loss=loss)
+
+
+def test_json_safe_leaves_strict_json():
+    document = {"a": [1.0, float("nan")], "b": (np.float32("inf"), "x", None, 3)}
+    assert protocol.json_safe(document) == {"a": [1.0, None], "b": [None, "x", None, 3]}
 
 
 def test_the_fault_policy_names_round_step_and_faults():

@@ -298,7 +298,14 @@ class HBNStrategy:
         shared = {name: received[name] for name in self.shared_names if name in received}
         (metrics,) = content.metric_records.values()
         examples = metrics.get(self.weighted_by_key)
-        protocol.check_update(shared, examples, self.layout, self.shared_names)
+        protocol.check_update(
+            shared,
+            examples,
+            self.layout,
+            self.shared_names,
+            like=self._sent,
+            train_loss=metrics.get("train-loss"),
+        )
         return _with_arrays(content, state_record(shared), key=array_key)
 
     def configure_evaluate(

@@ -195,11 +195,12 @@ class ModelSpec:
         tensors = {f"{layer.name}.weight": vector, f"{layer.name}.bias": vector}
         if self.norm == "hbn":
             shape = (layer.out_features,)
+            positions = self.norm_positions()[layer.name]
             if self.hybrid == "learned":
                 alpha = HBNTensor(layer.name, HBNPart.ALPHA)
                 tensors[f"{layer.name}.alpha"] = TensorSpec(shape, Role.PERSONAL, hbn=alpha)
             for part in (HBNPart.GLOBAL_MEAN, HBNPart.GLOBAL_VAR):
-                hbn = HBNTensor(layer.name, part)
+                hbn = HBNTensor(layer.name, part, positions)
                 tensors[f"{layer.name}.{part}"] = TensorSpec(shape, Role.STATISTICS, hbn=hbn)
         elif self.norm == "bn":
             tensors[f"{layer.name}.running_mean"] = vector
