@@ -40,7 +40,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from federation.checkpoint import CheckpointError
 from federation.config import ConfigError, load_config, parse_config
+from federation.protocol import RoundFailedError
 from federation.repro import (
     PROFILES,
     export_runs,
@@ -49,7 +51,6 @@ from federation.repro import (
     write_report,
 )
 from federation.runner import run
-from federation.simulation import RoundFailedError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -58,9 +59,10 @@ if TYPE_CHECKING:
 
     from federation.client import Client
     from federation.config import Config
-    from federation.repro import Run
+    from federation.protocol import RoundRecord
+    from federation.repro import Run, RunResult
     from federation.runner import Result
-    from federation.simulation import RoundRecord, Simulation
+    from federation.simulation import Simulation
 
 __all__ = ["EXIT_STATUS", "main", "quiet_framework_logs"]
 
@@ -262,6 +264,9 @@ def _federation(arguments: argparse.Namespace, console: Console, display: Consol
     except (FileNotFoundError, ImportError, ConfigError) as error:
         _error(console, "cannot start", error)
         return EXIT_BAD_INPUT
+    except CheckpointError as error:
+        _error(console, "cannot resume", error)
+        return EXIT_BAD_INPUT
     except RoundFailedError as error:
         _error(console, "round failed", error)
         return EXIT_ROUND_FAILED
@@ -378,6 +383,8 @@ def _run_with_progress(config: Config, arguments: argparse.Namespace, display: C
         metrics = f"train loss {record.train_loss:.3f}"
         if record.accuracy is not None:
             metrics = f"acc {record.accuracy:.3f} loss {record.loss:.3f}"
+        elif record.evaluation_error is not None:
+            metrics += ", evaluation failed"
         progress.update(rounds, advance=1, status=metrics)
         progress.update(steps, completed=0, visible=record.round < config.rounds)
 
@@ -458,10 +465,10 @@ def _repro(
     done = len(list((out / "runs").glob("*.json"))) if (out / "runs").exists() else 0
     progress.update(task, completed=done)
 
-    def on_done(run: Run, result: dict[str, object]) -> None:
-        summary = result["summary"]
-        accuracy = summary["last10_mean_accuracy"] if isinstance(summary, dict) else None
-        progress.update(task, advance=1, status=f"{run.run_id}: {accuracy:.3f}")
+    def on_done(run: Run, result: RunResult) -> None:
+        accuracy = result.summary.last10_mean_accuracy
+        shown = "-" if accuracy is None else f"{accuracy:.3f}"
+        progress.update(task, advance=1, status=f"{run.run_id}: {shown}")
 
     try:
         with progress:
@@ -512,10 +519,11 @@ def _final_table(result: Result) -> Table:
             f"{record.seconds['total']:.2f}",
         )
     summary = result.summary
-    if summary["last10_mean_accuracy"] is not None:
+    if summary.last10_mean_accuracy is not None:
+        ci = "" if summary.last10_ci95 is None else f" ± {summary.last10_ci95:.3f} (95% CI)"
         table.caption = (
             f"mean accuracy of the last {min(10, len(result.history))} evaluated rounds: "
-            f"{summary['last10_mean_accuracy']:.3f} ± {summary['last10_ci95']:.3f} (95% CI)"
+            f"{summary.last10_mean_accuracy:.3f}{ci}"
         )
     return table
 

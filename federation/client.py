@@ -1,58 +1,47 @@
-"""A backend-neutral federated client: its data, its personal state and the two client steps.
+"""A backend-neutral federated client: its data and the two client steps of a round.
 
-A :class:`Client` holds no framework object. It drives a :class:`~federation.models.FrameworkModel`
-that the simulation lends it (one per framework, shared by that framework's clients), loading
-the global state plus its own personal state before each step. That is how Flower's
-ephemeral clients work as well: the personal state (``alpha``) is what persists.
+A :class:`Client` holds no framework object and no state that changes: its personal state
+lives in the federation's state (:class:`federation.protocol.FederationState`), and it drives a
+:class:`~federation.models.FrameworkModel` that the engine lends it (one per framework, shared
+by that framework's clients), loading a *copy* of the state it is due before each step
+(:func:`load_state`). That is how Flower's ephemeral clients work as well.
 """
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from federation.aggregate import StatisticsReport
 from federation.data import batches
 from federation.layout import Role, select
 from federation.models import SGDConfig
+from federation.protocol import StatisticsReport, Update, hbn_layers
 from hbn_core import Moments
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from federation.config import StatisticsConfig, TrainConfig
     from federation.data import Dataset
     from federation.layout import State
     from federation.models import FrameworkModel
+    from federation.protocol import HBNLayer
 
-__all__ = ["Client", "Update"]
+__all__ = ["Client", "load_state"]
 
 
-class Update(NamedTuple):
-    """One client's training step.
+def load_state(model: FrameworkModel, state: Mapping[str, np.ndarray]) -> None:
+    """Load a copy of ``state`` into ``model``.
 
-    Attributes
-    ----------
-    sent
-        What goes to the server: the ``shared`` tensors, and the personal ones only where the
-        server averages them (the authors' ``alpha.policy = "averaged"``; FedBN, whose average
-        serves evaluation only).
-    personal
-        The client's new personal state, which it keeps.
-    examples
-        The number of training examples (the FedAvg weight).
-    train_loss
-        The mean training loss over the local epochs.
+    Whatever the model does to the arrays it receives never reaches the caller's, so a model
+    that writes into them, then fails, cannot corrupt a global state.
     """
-
-    sent: State
-    personal: State
-    examples: int
-    train_loss: float
+    model.set_state({name: np.array(value, copy=True) for name, value in state.items()})
 
 
 class Client:
-    """One client: its example indices, its framework, and the personal state it keeps.
+    """One client: its id, its framework and its example indices.
 
     Parameters
     ----------
@@ -68,18 +57,9 @@ class Client:
         self.client_id = client_id
         self.framework = framework
         self.indices = indices
-        self.personal: State | None = None
-        self.compute_seconds = 0.0
 
     def __repr__(self) -> str:
         return f"Client({self.client_id}, {self.framework!r}, {len(self.indices)} examples)"
-
-    def model_state(self, global_state: State, first_personal: State) -> State:
-        """The state its model runs with: the global state and its personal state.
-
-        ``first_personal`` is the personal state of a client that has not trained yet.
-        """
-        return {**global_state, **(self.personal if self.personal is not None else first_personal)}
 
     def collect_statistics(
         self,
@@ -96,7 +76,6 @@ class Client:
         :math:`\hat\sigma^2 = (1-w)\sigma^2_B + w\sigma^2_G` with :math:`w =
         \operatorname{sigmoid}(\alpha)` of this client.
         """
-        start = time.perf_counter()
         inputs = [
             x
             for x, _ in batches(
@@ -108,11 +87,11 @@ class Client:
                 max_batches=settings.max_batches or None,
             )
         ]
-        model.set_state(state)
+        load_state(model, state)
         moments = model.collect_statistics(inputs, settings.mode)
         if settings.recorded == "hybrid":
-            moments = {name: _hybrid(m, name, state) for name, m in moments.items()}
-        self.compute_seconds += time.perf_counter() - start
+            layers = hbn_layers(model.layout)
+            moments = {name: _hybrid(m, layers[name], state) for name, m in moments.items()}
         return StatisticsReport(moments, sum(len(x) for x in inputs), len(self.indices))
 
     def fit(
@@ -130,12 +109,9 @@ class Client:
         """The training step: ``settings.epochs`` epochs of local SGD from ``state``.
 
         ``send_personal`` sends the personal tensors too; ``freeze_statistics`` trains with
-        frozen BatchNorm statistics (FixBN's second stage).
-
-        The client's personal state is returned, not kept: the simulation commits it once the
-        round succeeds, so that a failed round leaves every client as it was.
+        frozen BatchNorm statistics (FixBN's second stage). The client's new personal state is
+        returned in the update; the engine commits it once the round succeeds.
         """
-        start = time.perf_counter()
         layout = model.layout
         sgd = SGDConfig(lr, settings.momentum, settings.weight_decay, settings.clip_norm or None)
         epochs = [
@@ -150,11 +126,10 @@ class Client:
                 drop_last=settings.drop_last,
             )
         ]
-        model.set_state(state)
+        load_state(model, state)
         result = model.train(epochs, sgd, freeze_statistics=freeze_statistics)
         trained = model.get_state()
         sent_roles = (Role.SHARED, Role.PERSONAL) if send_personal else (Role.SHARED,)
-        self.compute_seconds += time.perf_counter() - start
         return Update(
             sent={name: trained[name] for name in select(layout, *sent_roles)},
             personal={name: trained[name] for name in select(layout, Role.PERSONAL)},
@@ -163,10 +138,13 @@ class Client:
         )
 
 
-def _hybrid(moments: Moments, layer: str, state: State) -> Moments:
-    weight = 1 / (1 + np.exp(-state[f"{layer}.alpha"].astype(np.float64)))
+def _hybrid(moments: Moments, layer: HBNLayer, state: State) -> Moments:
+    if layer.alpha is None:
+        msg = "hybrid recorded statistics need a learned alpha; this HBN layer has none."
+        raise ValueError(msg)
+    weight = 1 / (1 + np.exp(-state[layer.alpha].astype(np.float64)))
     count, mean, m2 = moments
-    global_mean = state[f"{layer}.global_mean"].astype(np.float64)
-    global_var = state[f"{layer}.global_var"].astype(np.float64)
+    global_mean = state[layer.global_mean].astype(np.float64)
+    global_var = state[layer.global_var].astype(np.float64)
     var = (1 - weight) * m2 / count + weight * global_var
     return Moments(count, (1 - weight) * mean + weight * global_mean, var * count)

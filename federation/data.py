@@ -8,23 +8,43 @@ a JAX and a Keras client see the same examples in the same order. Images are can
 from __future__ import annotations
 
 import gzip
+import math
+import numbers
 import pathlib
+import zipfile
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
 __all__ = [
     "FASHION_MNIST_DIR",
+    "MAX_CLASSES",
+    "DataError",
     "Dataset",
     "batches",
+    "check_clients_with_data",
     "load_dataset",
     "partition",
 ]
 
 FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+
+MAX_CLASSES = 65_536
+"""The most classes a data set may have: labels are integers in ``[0, MAX_CLASSES)``."""
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+class DataError(ValueError):
+    """Data that cannot be used: a bad file, array, label or partition.
+
+    The message names the file or configuration key, what was expected and what was received;
+    the command line prints it as one line and exits with status 2.
+    """
 
 
 class Dataset(NamedTuple):
@@ -59,35 +79,107 @@ class Dataset(NamedTuple):
 
         Raises
         ------
-        ValueError
-            If the shapes do not match that description or each other, or labels are negative.
+        DataError
+            If an array is not as described: images not real numbers of shape ``(N, C, H, W)``
+            with ``N > 0``, a NaN or infinite pixel or one beyond float32's range, labels not
+            integers in ``[0, MAX_CLASSES)`` of shape ``(N,)``, or train and test images of
+            different shapes. The message names the array, and the first bad index.
         """
-        x_train, x_test = np.asarray(x_train), np.asarray(x_test)
-        y_train, y_test = np.asarray(y_train), np.asarray(y_test)
-        for label, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-            if x.ndim != 4 or y.shape != (len(x),) or len(x) == 0:
-                msg = (
-                    f"`x_{label}` must be (N, C, H, W) with N > 0 and `y_{label}` (N,); "
-                    f"got {x.shape} and {y.shape}."
-                )
-                raise ValueError(msg)
-            if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-                msg = f"`y_{label}` must hold non-negative integer labels; got dtype {y.dtype}."
-                raise ValueError(msg)
-        if x_train.shape[1:] != x_test.shape[1:]:
-            msg = (
-                f"train and test images differ in shape: {x_train.shape[1:]} vs {x_test.shape[1:]}."
-            )
-            raise ValueError(msg)
-        mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
-        return cls(
-            name,
-            ((x_train - mean) / std).astype(np.float32),
-            y_train.astype(np.int64),
-            ((x_test - mean) / std).astype(np.float32),
-            y_test.astype(np.int64),
-            int(max(y_train.max(), y_test.max())) + 1,
+        return _dataset(
+            {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test},
+            name=name,
+            source="Dataset.from_arrays",
         )
+
+
+def _dataset(arrays: dict[str, np.ndarray], *, name: str, source: str) -> Dataset:
+    """Check the four arrays (``source`` names where they come from), then standardise."""
+    for split in ("train", "test"):
+        _check_images(f"x_{split}", np.asarray(arrays[f"x_{split}"]), source)
+        _check_labels(
+            f"y_{split}", np.asarray(arrays[f"y_{split}"]), len(arrays[f"x_{split}"]), source
+        )
+    x_train, x_test = np.asarray(arrays["x_train"]), np.asarray(arrays["x_test"])
+    y_train, y_test = np.asarray(arrays["y_train"]), np.asarray(arrays["y_test"])
+    if x_train.shape[1:] != x_test.shape[1:]:
+        msg = (
+            f"{source}: train and test images differ in shape: {x_train.shape[1:]} vs "
+            f"{x_test.shape[1:]}."
+        )
+        raise DataError(msg)
+    mean, std = _train_statistics(x_train)
+    with np.errstate(over="ignore"):  # overflow is checked, with a clear message, below
+        standardised = {
+            split: ((x - mean) / std).astype(np.float32)
+            for split, x in (("x_train", x_train), ("x_test", x_test))
+        }
+    for split, x in standardised.items():
+        if not np.isfinite(x).all():
+            msg = (
+                f"{source}: `{split}` standardised with the train images' mean {mean!r} and "
+                f"standard deviation {std!r} leaves float32's range; rescale the images."
+            )
+            raise DataError(msg)
+    return Dataset(
+        name,
+        standardised["x_train"],
+        y_train.astype(np.int64),
+        standardised["x_test"],
+        y_test.astype(np.int64),
+        int(max(y_train.max(), y_test.max())) + 1,
+    )
+
+
+def _check_images(key: str, x: np.ndarray, source: str) -> None:
+    if x.dtype == np.bool_ or not (
+        np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+    ):
+        msg = f"{source}: `{key}` must hold real numbers; got dtype {x.dtype}."
+        raise DataError(msg)
+    if x.ndim != 4 or len(x) == 0:
+        msg = f"{source}: `{key}` must have shape (N, C, H, W) with N > 0; got {x.shape}."
+        raise DataError(msg)
+    if np.issubdtype(x.dtype, np.floating):
+        bad = ~(np.abs(x) <= _FLOAT32_MAX)  # NaN compares false
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            msg = (
+                f"{source}: `{key}` must hold finite pixels within float32's range; got "
+                f"{float(x[index])!r} at index {index}."
+            )
+            raise DataError(msg)
+
+
+def _check_labels(key: str, y: np.ndarray, examples: int, source: str) -> None:
+    if y.shape != (examples,):
+        msg = (
+            f"{source}: `{key}` must have shape ({examples},), one label per image; got {y.shape}."
+        )
+        raise DataError(msg)
+    if y.dtype == np.bool_ or not np.issubdtype(y.dtype, np.integer):
+        msg = f"{source}: `{key}` must hold integer class labels; got dtype {y.dtype}."
+        raise DataError(msg)
+    bad = (y < 0) | (y >= MAX_CLASSES)
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
+        msg = (
+            f"{source}: `{key}` must hold labels in [0, MAX_CLASSES = {MAX_CLASSES}); got "
+            f"{int(y[index])} at index {index}."
+        )
+        raise DataError(msg)
+
+
+def _train_statistics(x_train: np.ndarray) -> tuple[float, float]:
+    """The train images' mean and standard deviation (1 if they are constant).
+
+    In the images' own arithmetic, as always; in float64 where that overflows (float32 images
+    of huge values).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = float(x_train.mean()), float(x_train.std())
+    if not (math.isfinite(mean) and math.isfinite(std)):
+        mean, std = float(x_train.mean(dtype=np.float64)), float(x_train.std(dtype=np.float64))
+    return mean, std or 1.0
 
 
 def load_dataset(name: str, *, seed: int = 0, path: str = "") -> Dataset:
@@ -100,8 +192,10 @@ def load_dataset(name: str, *, seed: int = 0, path: str = "") -> Dataset:
 
     Raises
     ------
-    ValueError
-        If ``name`` is unknown.
+    DataError
+        If ``name`` is unknown, or the data are unusable (see :meth:`Dataset.from_arrays`); for
+        an npz file also if it is not a zip archive, misses a key, or holds an object array
+        (which is never unpickled).
     FileNotFoundError
         If the Fashion-MNIST files or the npz file are missing; the message says how to get them.
     """
@@ -112,7 +206,7 @@ def load_dataset(name: str, *, seed: int = 0, path: str = "") -> Dataset:
     if name == "npz":
         return _npz(path)
     msg = f"`data.name` must be 'digits', 'fashion-mnist' or 'npz'; got {name!r}."
-    raise ValueError(msg)
+    raise DataError(msg)
 
 
 def _digits(seed: int) -> Dataset:
@@ -166,13 +260,30 @@ def _npz(path: str) -> Dataset:
     if not path or not pathlib.Path(path).is_file():
         msg = f"`data.path` must name an .npz file for data.name = 'npz'; got {path!r}."
         raise FileNotFoundError(msg)
-    with np.load(path, allow_pickle=False) as arrays:
-        keys = ("x_train", "y_train", "x_test", "y_test")
-        missing = [k for k in keys if k not in arrays]
-        if missing:
-            msg = f"the npz file {path} must hold {list(keys)}; missing {missing}."
-            raise ValueError(msg)
-        return Dataset.from_arrays(*(arrays[k] for k in keys), name=pathlib.Path(path).stem)
+    source = f"data.path = {path!r}"
+    if not zipfile.is_zipfile(path):
+        msg = f"{source} must be an .npz file, a zip archive of .npy arrays; it is not a zip file."
+        raise DataError(msg)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in _NPZ_KEYS if k not in archive]
+            if missing:
+                msg = f"{source}: the npz file must hold {list(_NPZ_KEYS)}; missing {missing}."
+                raise DataError(msg)
+            arrays = {key: _npz_array(archive, key, source) for key in _NPZ_KEYS}
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        msg = f"{source}: the npz file cannot be read: {error}."
+        raise DataError(msg) from error
+    return _dataset(arrays, name=pathlib.Path(path).stem, source=source)
+
+
+def _npz_array(archive: np.lib.npyio.NpzFile, key: str, source: str) -> np.ndarray:
+    try:
+        array: np.ndarray = archive[key]
+    except ValueError as error:  # an object array (never unpickled), or not a .npy member
+        msg = f"{source}: `{key}` cannot be loaded as an array of numbers: {error}"
+        raise DataError(msg) from error
+    return array
 
 
 def partition(
@@ -202,30 +313,78 @@ def partition(
 
     Raises
     ------
-    ValueError
-        If ``method`` is unknown, or ``num_clients``, ``beta`` or ``shards_per_client`` are out
-        of range.
+    DataError
+        If ``method`` is unknown, or ``num_clients``, ``beta`` or ``shards_per_client`` are not
+        numbers of the right kind in range: ``1 <= num_clients <= len(labels)``, ``beta``
+        finite and positive, ``shards_per_client >= 1`` with ``num_clients *
+        shards_per_client <= len(labels)``. The message names the configuration key too.
     """
-    if num_clients < 1 or num_clients > len(labels):
-        msg = f"`num_clients` must be in [1, {len(labels)}] (the examples); got {num_clients}."
-        raise ValueError(msg)
+    examples = len(labels)
+    _check_int("num_clients", "data.num_clients", num_clients)
+    if not 1 <= num_clients <= examples:
+        msg = (
+            f"`num_clients` must be in [1, {examples}], the train examples; got {num_clients} "
+            "(data.num_clients)."
+        )
+        raise DataError(msg)
     if method == "iid":
-        return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), num_clients)]
+        return [np.sort(part) for part in np.array_split(rng.permutation(examples), num_clients)]
     if method == "dirichlet":
-        if not beta > 0:
-            msg = f"`beta` must be positive for the Dirichlet partition; got {beta}."
-            raise ValueError(msg)
-        return _dirichlet(labels, num_clients, beta, rng)
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+            msg = f"`beta` must be a number; got {type(beta).__name__} {beta!r} (data.beta)."
+            raise DataError(msg)
+        if not (beta > 0 and math.isfinite(beta)):
+            msg = (
+                f"`beta` must be positive and finite for the Dirichlet partition; got {beta} "
+                "(data.beta)."
+            )
+            raise DataError(msg)
+        return _dirichlet(labels, num_clients, float(beta), rng)
     if method == "shards":
-        if shards_per_client < 1 or num_clients * shards_per_client > len(labels):
+        _check_int("shards_per_client", "data.shards_per_client", shards_per_client)
+        if shards_per_client < 1 or num_clients * shards_per_client > examples:
             msg = (
                 f"`shards_per_client` must be >= 1 with num_clients * shards_per_client <= "
-                f"{len(labels)}; got {shards_per_client}."
+                f"{examples}, the train examples; got {shards_per_client} for {num_clients} "
+                "clients (data.shards_per_client)."
             )
-            raise ValueError(msg)
+            raise DataError(msg)
         return _shards(labels, num_clients, shards_per_client, rng)
-    msg = f"`partition` must be 'iid', 'dirichlet' or 'shards'; got {method!r}."
-    raise ValueError(msg)
+    msg = f"`partition` must be 'iid', 'dirichlet' or 'shards'; got {method!r} (data.partition)."
+    raise DataError(msg)
+
+
+def _check_int(name: str, key: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        msg = f"`{name}` must be an int; got {type(value).__name__} {value!r} ({key})."
+        raise DataError(msg)
+
+
+def check_clients_with_data(parts: Sequence[np.ndarray], min_clients: int) -> int:
+    """Check that at least ``min_clients`` of the partition's clients hold an example.
+
+    Call it on :func:`partition`'s result before any work starts: a Dirichlet partition with a
+    small ``beta`` can leave clients empty, and they are never sampled.
+
+    Returns
+    -------
+    int
+        The number of clients with data.
+
+    Raises
+    ------
+    DataError
+        If fewer than ``min_clients`` clients hold data; the message says what to change.
+    """
+    with_data = sum(1 for part in parts if len(part))
+    if with_data < min_clients:
+        msg = (
+            f"only {with_data} of {len(parts)} clients hold data, fewer than "
+            f"clients.min_clients = {min_clients}; lower it, raise data.beta (fewer empty "
+            "clients) or use fewer clients."
+        )
+        raise DataError(msg)
+    return with_data
 
 
 def _dirichlet(

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 __all__ = [
+    "HBNPart",
+    "HBNTensor",
     "Layout",
     "Role",
     "State",
@@ -69,6 +71,27 @@ class Kind(enum.StrEnum):
     DENSE_KERNEL = "dense_kernel"
 
 
+class HBNPart(enum.StrEnum):
+    """Which of an HBN layer's own tensors a tensor is."""
+
+    GLOBAL_MEAN = "global_mean"
+    GLOBAL_VAR = "global_var"
+    ALPHA = "alpha"
+
+
+class HBNTensor(NamedTuple):
+    """An HBN layer's tensor: the layer's canonical name and which part it is.
+
+    ``positions`` is the layer's values per channel for one example (1 after a dense layer,
+    the map's ``H * W`` after a convolution), where the model declares it: a client's report
+    forwarding ``e`` examples must then count ``e * positions`` elements.
+    """
+
+    layer: str
+    part: HBNPart
+    positions: int | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     """One tensor of the canonical layout.
@@ -84,12 +107,17 @@ class TensorSpec:
     flatten_from
         For the kernel of a dense layer that follows a flatten: the ``(C, H, W)`` shape that was
         flattened. ``None`` otherwise.
+    hbn
+        For an HBN layer's global mean, global variance and alpha: the layer and the part.
+        The server finds the HBN layers, whose statistics it pools, from this field alone.
+        ``None`` otherwise.
     """
 
     shape: tuple[int, ...]
     role: Role
     kind: Kind = Kind.VECTOR
     flatten_from: tuple[int, int, int] | None = None
+    hbn: HBNTensor | None = None
 
 
 Layout = dict[str, TensorSpec]

@@ -2,7 +2,7 @@
 
 >>> from federation import parse_config, run  # doctest: +SKIP
 >>> result = run(parse_config({"rounds": 5}), out_dir="runs/first")  # doctest: +SKIP
->>> result.summary["final_accuracy"]  # doctest: +SKIP
+>>> result.summary.final_accuracy  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -10,34 +10,39 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import pathlib
 import platform
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from federation.checkpoint import load_checkpoint, save_checkpoint
-from federation.simulation import RoundRecord, Simulation
+from federation import protocol
+from federation.checkpoint import load_checkpoint, remove_stale_files, save_checkpoint
+from federation.simulation import Simulation
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from federation.client import Client
     from federation.config import Config
     from federation.data import Dataset
+    from federation.protocol import RoundRecord
+    from federation.repro.statistics import Summary
 
 __all__ = ["Result", "run", "write_results"]
 
 CHECKPOINT = "checkpoint.npz"
+logger = logging.getLogger("federation")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Result:
-    """A finished run: its simulation (global and client state), records and summary."""
+    """A finished run: its simulation (whose ``state`` is the final state), records, summary."""
 
     simulation: Simulation
-    history: list[RoundRecord]
-    summary: dict[str, Any]
+    history: tuple[RoundRecord, ...]
+    summary: Summary
 
 
 def run(
@@ -61,8 +66,10 @@ def run(
     Raises
     ------
     ValueError
-        If ``resume`` is set without ``out_dir``, or the checkpoint is of another run.
-    federation.simulation.RoundFailedError
+        If ``resume`` is set without ``out_dir``.
+    federation.checkpoint.CheckpointError
+        If the checkpoint to resume from cannot be read or is not of this run.
+    federation.protocol.RoundFailedError
         If a round has fewer than ``min_clients`` valid clients (the checkpoint of the last
         good round stays).
     """
@@ -71,14 +78,20 @@ def run(
         raise ValueError(msg)
     simulation = Simulation(config, dataset=dataset)
     checkpoint = None if out_dir is None else pathlib.Path(out_dir) / CHECKPOINT
-    if resume and checkpoint is not None and checkpoint.is_file():
-        load_checkpoint(simulation, checkpoint)
+    if checkpoint is not None:
+        remove_stale_files(checkpoint)
+        if resume and checkpoint.is_file():
+            simulation.state = load_checkpoint(
+                checkpoint, config=config, initial=simulation.state, layout=simulation.layout
+            )
+        elif resume:
+            logger.warning("--resume: no checkpoint at %s; starting from round 1.", checkpoint)
     if on_start is not None:
         on_start(simulation)
     while simulation.rounds_done < config.rounds:
         record = simulation.run_round(progress=on_client)
         if checkpoint is not None:
-            save_checkpoint(simulation, checkpoint)
+            save_checkpoint(simulation.state, config, checkpoint)
         if on_round is not None:
             on_round(record)
     result = Result(simulation, simulation.history, simulation.summary())
@@ -93,7 +106,7 @@ def write_results(result: Result, out_dir: pathlib.Path) -> None:
     simulation = result.simulation
     document = {
         "config": simulation.config.to_dict(),
-        "summary": result.summary,
+        "summary": result.summary.to_json(),
         "rounds": [dataclasses.asdict(r) for r in result.history],
         "clients": [
             {"id": c.client_id, "framework": c.framework, "examples": len(c.indices)}
@@ -104,7 +117,8 @@ def write_results(result: Result, out_dir: pathlib.Path) -> None:
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     }
-    (out_dir / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+    text = json.dumps(protocol.json_safe(document), indent=2, allow_nan=False)
+    (out_dir / "results.json").write_text(text + "\n")
     plot_accuracy(result.history, out_dir / "accuracy.png", title=_title(simulation))
 
 
@@ -118,7 +132,7 @@ def _title(simulation: Simulation) -> str:
     )
 
 
-def plot_accuracy(history: list[RoundRecord], path: pathlib.Path, *, title: str) -> None:
+def plot_accuracy(history: Sequence[RoundRecord], path: pathlib.Path, *, title: str) -> None:
     """Test accuracy per evaluated round, as a PNG (matplotlib, no display needed)."""
     from matplotlib.figure import Figure  # a Figure, not pyplot: no global backend change
 

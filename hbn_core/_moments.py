@@ -16,7 +16,29 @@ if TYPE_CHECKING:
 
     from hbn_core._typing import Array, ArrayNamespace
 
-__all__ = ["Moments", "merge_moments", "moments", "pool_moments", "variance"]
+__all__ = [
+    "FLOAT32_MAX",
+    "MAX_COUNT",
+    "Moments",
+    "check_moments",
+    "merge_moments",
+    "moments",
+    "pool_moments",
+    "variance",
+]
+
+MAX_COUNT = 2**53
+"""The largest element count, of one set or pooled, that :func:`merge_moments` and
+:func:`pool_moments` accept: float64, in which they weight the counts, holds every integer up to
+:math:`2^{53}` exactly, and sums of such counts never wrap in int64."""
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32, :func:`check_moments`' default bound on means and variances."""
+
+# Channels whose largest |mean| reaches this are pooled in units of that |mean| (see
+# `_magnitude_scale`); below it nothing is rescaled, and the arithmetic is the plain one.
+_RESCALE_FROM = 2.0**32
+_UNITS = 4.0
 
 
 class Moments(NamedTuple):
@@ -155,6 +177,12 @@ def merge_moments(a: Moments, b: Moments, /, *, xp: ArrayNamespace | None = None
     of the two means when the counts tie, so that ``merge_moments(a, b)`` equals
     ``merge_moments(b, a)`` bit for bit.
 
+    No input that :func:`check_moments` accepts can make an intermediate overflow: counts are
+    summed exactly or refused (beyond :data:`MAX_COUNT`), and a channel whose means reach
+    :math:`2^{32}` in magnitude is merged in units of its largest mean. For any finite input the
+    mean is finite and m2 is not negative (it is :math:`+\infty` only where its true value lies
+    beyond the dtype's range).
+
     Parameters
     ----------
     a, b
@@ -174,8 +202,9 @@ def merge_moments(a: Moments, b: Moments, /, *, xp: ArrayNamespace | None = None
         If an argument is not a :class:`Moments` of arrays of one namespace, its count is not
         integral, or its mean or m2 is not real floating.
     ValueError
-        If the shapes are wrong, the channel counts differ, or a count is negative (checked when
-        the values are concrete; skipped for JAX and TensorFlow arrays, which may be traced).
+        If the shapes are wrong, the channel counts differ, or a count is negative or the
+        pooled count exceeds :data:`MAX_COUNT` or the counts' dtype (checked when the values are
+        concrete; skipped for JAX and TensorFlow arrays, which may be traced).
 
     Examples
     --------
@@ -186,14 +215,17 @@ def merge_moments(a: Moments, b: Moments, /, *, xp: ArrayNamespace | None = None
     (4, [4.0], [38.0])
     """
     xp = namespace_of({**_named_arrays("a", a), **_named_arrays("b", b)}, xp)
-    num_channels = check_moments("a", a, xp)
+    num_channels = _check_structure("a", a, xp)
     _check_channels("b", b, num_channels, xp)
+    count = _sum_counts({"a.count": a.count, "b.count": b.count})
     dtype = xp.result_type(a.mean, a.m2, b.mean, b.m2)
     count_a, count_b = xp.astype(a.count, dtype, copy=False), xp.astype(b.count, dtype, copy=False)
     total = count_a + count_b
     safe_total = xp.where(total > 0, total, xp.ones_like(total))
     frac_a, frac_b = count_a / safe_total, count_b / safe_total
     mean_a, mean_b = xp.astype(a.mean, dtype, copy=False), xp.astype(b.mean, dtype, copy=False)
+    big, scale = _magnitude_scale(_larger(_magnitude(mean_a, xp), _magnitude(mean_b, xp), xp), xp)
+    mean_a, mean_b = mean_a / scale, mean_b / scale
     delta = mean_b - mean_a
     # Anchor on the larger part, and take the midpoint on a tie: merge(a, b) == merge(b, a).
     mean = xp.where(
@@ -201,12 +233,9 @@ def merge_moments(a: Moments, b: Moments, /, *, xp: ArrayNamespace | None = None
         mean_b - delta * frac_a,
         xp.where(frac_a > frac_b, mean_a + delta * frac_b, (mean_a + mean_b) / 2),
     )
-    m2 = (
-        xp.astype(a.m2, dtype, copy=False)
-        + xp.astype(b.m2, dtype, copy=False)
-        + delta * delta * (count_a * count_b / safe_total)
-    )
-    return Moments(a.count + b.count, mean, m2)
+    between = delta * delta * (count_a * count_b / safe_total) * scale * scale
+    m2 = xp.astype(a.m2, dtype, copy=False) + xp.astype(b.m2, dtype, copy=False) + between
+    return Moments(count, _clamp_units(mean, big, xp) * scale, m2)
 
 
 def pool_moments(
@@ -227,7 +256,9 @@ def pool_moments(
         M_2 = \sum_k M_{2,k} + \sum_k n_k (\bar x_k - \bar x)^2 .
 
     The between-part term uses deviations from the pooled mean, so pooling stays exact whatever
-    the common offset of the data (never :math:`\sum x^2 - N\bar x^2`).
+    the common offset of the data (never :math:`\sum x^2 - N\bar x^2`). It is overflow-safe as
+    :func:`merge_moments` is: the pooled count is exact or refused, and for any finite input the
+    mean is finite and m2 is not negative.
 
     With ``weights``, the pooled moments describe the **mixture** in which part :math:`k` has
     probability :math:`\pi_k = w_k / \sum_j w_j` (parts with count 0 get :math:`\pi_k = 0`),
@@ -265,8 +296,9 @@ def pool_moments(
         As :func:`merge_moments`.
     ValueError
         If ``parts`` is empty, the channel counts differ, ``weights`` does not hold one entry per
-        part, or (when the values are concrete) a count or weight is negative or not finite, or
-        the weights of the parts with a positive count sum to zero.
+        part, or (when the values are concrete) a count or weight is negative or not finite, the
+        pooled count exceeds :data:`MAX_COUNT` or the counts' dtype, or the weights of the parts
+        with a positive count sum to zero.
 
     Examples
     --------
@@ -284,26 +316,120 @@ def pool_moments(
         k: v for i, part in enumerate(parts) for k, v in _named_arrays(f"parts[{i}]", part).items()
     }
     xp = namespace_of(named, xp)
-    num_channels = check_moments("parts[0]", parts[0], xp)
+    num_channels = _check_structure("parts[0]", parts[0], xp)
     for i, part in enumerate(parts[1:], start=1):
         _check_channels(f"parts[{i}]", part, num_channels, xp)
+    total_count = _sum_counts({f"parts[{i}].count": p.count for i, p in enumerate(parts)})
+    counts, means, m2s = stacked_parts(parts, xp=xp)
+    if weights is not None:
+        counts, m2s = _reweight(counts, m2s, weights, xp=xp)
+    mean, m2 = pool_columns(xp.reshape(counts, (-1, 1)), means, m2s, xp=xp)
+    return Moments(total_count, mean, m2)
 
+
+def stacked_parts(parts: Sequence[Moments], *, xp: ArrayNamespace) -> tuple[Array, Array, Array]:
+    """The parts' counts ``(K,)``, means ``(K, C)`` and m2s ``(K, C)``, in one floating dtype.
+
+    The dtype is ``result_type`` of the parts' means and m2s. The parts must have been checked.
+    """
     dtype = xp.result_type(*(p.mean for p in parts), *(p.m2 for p in parts))
-    counts = xp.stack([xp.astype(p.count, dtype, copy=False) for p in parts])
-    means = xp.stack([xp.astype(p.mean, dtype, copy=False) for p in parts])
-    m2s = xp.stack([xp.astype(p.m2, dtype, copy=False) for p in parts])
-    total_count = functools.reduce(operator.add, (p.count for p in parts))
+    return (
+        xp.stack([xp.astype(p.count, dtype, copy=False) for p in parts]),
+        xp.stack([xp.astype(p.mean, dtype, copy=False) for p in parts]),
+        xp.stack([xp.astype(p.m2, dtype, copy=False) for p in parts]),
+    )
 
-    if weights is None:
-        part_counts, part_m2s = counts, m2s
-    else:
-        part_counts, part_m2s = _reweight(counts, m2s, weights, xp=xp)
-    total = xp.sum(part_counts)
-    column = xp.reshape(part_counts, (-1, 1))
-    mean = xp.sum(column * means, axis=0) / xp.where(total > 0, total, xp.ones_like(total))
+
+def pool_columns(
+    counts: Array, means: Array, m2s: Array, *, xp: ArrayNamespace
+) -> tuple[Array, Array]:
+    r"""Pool ``(K, C)`` means and m2s exactly, channel by channel: the pooled mean and m2.
+
+    ``counts`` is ``(K, 1)``, one count per part, or ``(K, C)``, a count per part and channel
+    (0 leaves a part out of a channel; its m2 must then be 0 too). With
+    :math:`N_c = \sum_k n_{kc}`,
+
+    .. math::
+
+        \bar x_c = \frac{1}{N_c}\sum_k n_{kc} \bar x_{kc}, \qquad
+        M_{2,c} = \sum_k M_{2,kc} + \sum_k n_{kc} (\bar x_{kc} - \bar x_c)^2,
+
+    computed in units of the largest mean where that is huge (:func:`_magnitude_scale`), so
+    that no intermediate overflows. A channel with :math:`N_c = 0` gets mean 0.
+    """
+    magnitudes = _magnitude(means, xp)
+    largest = functools.reduce(
+        lambda a, b: _larger(a, b, xp), (magnitudes[k, ...] for k in range(int(means.shape[0])))
+    )
+    big, scale = _magnitude_scale(largest, xp)
+    means = means / xp.reshape(scale, (1, -1))
+    counts = counts * xp.ones_like(means)  # (K, C) either way: one computation, to the bit
+    total = xp.sum(counts, axis=0)
+    mean = xp.sum(counts * means, axis=0) / xp.where(total > 0, total, xp.ones_like(total))
     deviations = means - xp.reshape(mean, (1, -1))
-    between = xp.sum(column * deviations * deviations, axis=0)
-    return Moments(total_count, mean, xp.sum(part_m2s, axis=0) + between)
+    between = xp.sum(counts * deviations * deviations, axis=0) * scale * scale
+    return _clamp_units(mean, big, xp) * scale, xp.sum(m2s, axis=0) + between
+
+
+def _sum_counts(counts: dict[str, Array]) -> Array:
+    """The sum of the named 0-d integer ``counts``, refused when it would not be exact.
+
+    When the counts are concrete, the exact sum is taken in Python integers first: beyond
+    :data:`MAX_COUNT`, or beyond the range of the counts' dtype (where the array sum wraps, as
+    two int64 counts of :math:`2^{62}` do), it raises instead of returning a wrapped count.
+    """
+    total = functools.reduce(operator.add, counts.values())
+    if not all(concrete(c) for c in counts.values()):
+        return total
+    exact = sum(int(c) for c in counts.values())
+    if exact > MAX_COUNT or int(total) != exact:
+        given = ", ".join(f"{name} = {int(c)}" for name, c in counts.items())
+        msg = (
+            f"the pooled count must be at most MAX_COUNT = 2**53 ({MAX_COUNT}), the largest "
+            f"count pooled exactly in float64, and fit the counts' dtype ({total.dtype}); "
+            f"got {exact} from {given}."
+        )
+        raise ValueError(msg)
+    return total
+
+
+def _magnitude(x: Array, xp: ArrayNamespace) -> Array:
+    """:math:`|x|`, elementwise, with the functions every supported namespace has."""
+    return xp.where(x < 0, -x, x)
+
+
+def _larger(a: Array, b: Array, xp: ArrayNamespace) -> Array:
+    """The elementwise maximum of ``a`` and ``b``."""
+    return xp.where(a > b, a, b)
+
+
+def _magnitude_scale(largest: Array, xp: ArrayNamespace) -> tuple[Array, Array]:
+    r"""Per channel, whether the largest :math:`|\bar x_k|` is huge, and the unit to pool in.
+
+    Where the largest magnitude :math:`M` of a channel's means reaches :math:`2^{32}`, the
+    means are measured in units of :math:`u = M/4` before the products :math:`n_k \bar x_k` and
+    :math:`n_k (\bar x_k - \bar x)^2` are formed, and the mean and the between-part term are
+    multiplied back by :math:`u` and :math:`u^2`. No intermediate can then overflow (with counts
+    up to :data:`MAX_COUNT`, the products stay below :math:`2^{53} \cdot 2^{66}`); only a result
+    beyond the dtype's range rounds, to :math:`+\infty` for m2. (A quarter of :math:`M`, not
+    :math:`M`: XLA divides by multiplying with the reciprocal and flushes subnormals, and
+    :math:`1/M` is subnormal for :math:`M` near the largest float.) Elsewhere the unit is 1 and
+    the arithmetic is exactly the plain one.
+    """
+    big = largest * (1 / _RESCALE_FROM) >= 1
+    return big, xp.where(big, largest * (1 / _UNITS), xp.ones_like(largest))
+
+
+def _clamp_units(mean: Array, big: Array, xp: ArrayNamespace) -> Array:
+    """Where ``big``, clamp a mean measured in units of a quarter of the largest |mean|.
+
+    A mean of means lies between the smallest and the largest of them, within [-4, 4] units;
+    rounding could move it beyond, and so past the dtype's largest finite value once
+    multiplied back.
+    """
+    bound = xp.ones_like(mean) * _UNITS
+    clamped = xp.where(mean > bound, bound, xp.where(mean < -bound, -bound, mean))
+    return xp.where(big, clamped, mean)
 
 
 def _reweight(
@@ -365,7 +491,7 @@ def variance(m: Moments, /, *, correction: float = 0, xp: ArrayNamespace | None 
     ([9.5], [12.666666666666666])
     """
     xp = namespace_of(_named_arrays("m", m), xp)
-    check_moments("m", m, xp)
+    _check_structure("m", m, xp)
     if isinstance(correction, bool) or not isinstance(correction, numbers.Real):
         msg = f"`correction` must be a real number; got {type(correction).__name__} {correction!r}."
         raise TypeError(msg)
@@ -380,6 +506,116 @@ def variance(m: Moments, /, *, correction: float = 0, xp: ArrayNamespace | None 
     return xp.where(positive, ratio, xp.asarray(math.nan, dtype=m.m2.dtype))
 
 
+def check_moments(
+    m: Moments,
+    /,
+    *,
+    name: str = "moments",
+    expected_count: int | None = None,
+    max_abs: float | None = FLOAT32_MAX,
+    xp: ArrayNamespace | None = None,
+) -> Moments:
+    r"""Check that ``m`` describes a real set of values, before anyone pools it.
+
+    :func:`merge_moments` and :func:`pool_moments` check only structure and counts; this checks
+    the values too, as a server does with the moments a client reports. Valid moments have:
+
+    - a 0-d **integer** count (a float count such as 2.7 is refused, never truncated) with
+      :math:`0 \le n \le` :data:`MAX_COUNT`, equal to ``expected_count`` when it is given;
+    - ``(C,)`` real floating ``mean`` and ``m2``, every entry finite, and :math:`M_2 \ge 0`;
+    - :math:`|\bar x| \le` ``max_abs`` and :math:`M_2 / n \le` ``max_abs`` (the biased variance),
+      by default the largest float32: statistics that a float32 model cannot hold (a finite
+      1e39 or 1e300) are refused here rather than rounded to infinity where they are used.
+      ``max_abs=None`` checks finiteness only;
+    - for an empty set (:math:`n = 0`), ``mean == 0`` and ``m2 == 0``, as :func:`moments`
+      returns it: an empty part must not add to a pool's m2.
+
+    The values are read eagerly: call it outside ``jax.jit`` and ``tf.function``.
+
+    Parameters
+    ----------
+    m
+        The moments to check.
+    name
+        How error messages name ``m``, for example ``"client 3's report of norm1"``.
+    expected_count
+        The count ``m`` must have, when the caller knows it (examples forwarded times elements
+        per example of the layer).
+    max_abs
+        The bound on every mean's magnitude and every variance, or ``None``.
+    xp
+        The array namespace. By default it is inferred from ``m``.
+
+    Returns
+    -------
+    Moments
+        ``m`` itself, unchanged.
+
+    Raises
+    ------
+    TypeError
+        If ``m`` is not a :class:`Moments` of arrays of one namespace, its count is not integral
+        or its mean or m2 is not real floating; or ``expected_count`` or ``max_abs`` has the
+        wrong type.
+    ValueError
+        If a shape or a value breaks a rule above. The message names the field, the first
+        offending channel, the rule and the value received.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> m = moments(np.array([[1.0], [3.0]]))
+    >>> check_moments(m, expected_count=2).count.tolist()
+    2
+    >>> check_moments(m._replace(mean=np.array([1e39])))
+    Traceback (most recent call last):
+    ...
+    ValueError: `moments.mean` must have every |value| <= 3.4028234663852886e+38; got 1e+39 in channel 0.
+    """  # noqa: E501
+    xp = namespace_of(_named_arrays(name, m), xp)
+    _check_structure(name, m, xp)
+    if expected_count is not None and (
+        isinstance(expected_count, bool) or not isinstance(expected_count, numbers.Integral)
+    ):
+        msg = f"`expected_count` must be an int or None; got {type(expected_count).__name__}."
+        raise TypeError(msg)
+    if max_abs is not None:
+        if isinstance(max_abs, bool) or not isinstance(max_abs, numbers.Real):
+            msg = f"`max_abs` must be a real number or None; got {type(max_abs).__name__}."
+            raise TypeError(msg)
+        if not max_abs > 0:  # NaN too
+            msg = f"`max_abs` must be positive; got {max_abs!r}."
+            raise ValueError(msg)
+    count = int(m.count)
+    if not 0 <= count <= MAX_COUNT:
+        msg = f"`{name}.count` must be in [0, MAX_COUNT = 2**53]; got {count}."
+        raise ValueError(msg)
+    if expected_count is not None and count != expected_count:
+        msg = f"`{name}.count` must be {expected_count}; got {count}."
+        raise ValueError(msg)
+    _check_values(f"{name}.mean", m.mean, "be finite", xp.isfinite(m.mean), xp)
+    _check_values(f"{name}.m2", m.m2, "be finite", xp.isfinite(m.m2), xp)
+    _check_values(f"{name}.m2", m.m2, "be >= 0", m.m2 >= 0, xp)
+    if count == 0:
+        _check_values(f"{name}.mean", m.mean, "be 0 for count 0", m.mean == 0, xp)
+        _check_values(f"{name}.m2", m.m2, "be 0 for count 0", m.m2 == 0, xp)
+    elif max_abs is not None:
+        within = f"have every |value| <= {max_abs!r}"
+        _check_values(f"{name}.mean", m.mean, within, _magnitude(m.mean, xp) <= max_abs, xp)
+        var = m.m2 / count
+        _check_values(f"{name}.m2 / count", var, f"be <= {max_abs!r}", var <= max_abs, xp)
+    return m
+
+
+def _check_values(name: str, x: Array, rule: str, ok: Array, xp: ArrayNamespace) -> None:
+    """Raise :class:`ValueError` naming the first channel of ``x`` where ``ok`` is false."""
+    if bool(xp.all(ok)):
+        return
+    channel = next(i for i in range(int(ok.shape[0])) if not bool(ok[i]))
+    msg = f"`{name}` must {rule}; got {float(x[channel])!r} in channel {channel}."
+    raise ValueError(msg)
+
+
 def _named_arrays(name: str, m: Moments) -> dict[str, Array]:
     if not isinstance(m, Moments):
         msg = f"`{name}` must be a hbn_core.Moments; got {type(m).__name__}."
@@ -387,7 +623,7 @@ def _named_arrays(name: str, m: Moments) -> dict[str, Array]:
     return {f"{name}.count": m.count, f"{name}.mean": m.mean, f"{name}.m2": m.m2}
 
 
-def check_moments(name: str, m: Moments, xp: ArrayNamespace) -> int:
+def _check_structure(name: str, m: Moments, xp: ArrayNamespace) -> int:
     """Check the dtypes, shapes and (when concrete) count of ``m``; return its channel count."""
     if tuple(m.count.shape) != ():
         msg = f"`{name}.count` must be a 0-d array; got shape {tuple(m.count.shape)}."
@@ -413,7 +649,7 @@ def check_moments(name: str, m: Moments, xp: ArrayNamespace) -> int:
 
 
 def _check_channels(name: str, m: Moments, num_channels: int, xp: ArrayNamespace) -> None:
-    found = check_moments(name, m, xp)
+    found = _check_structure(name, m, xp)
     if found != num_channels:
         msg = f"`{name}` must have {num_channels} channels, as the first operand; got {found}."
         raise ValueError(msg)

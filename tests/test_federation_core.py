@@ -10,8 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from federation import aggregate, data
-from federation.aggregate import StatisticsReport
+from federation import data, protocol
 from federation.cli import _demo_table, main
 from federation.config import ConfigError, StatisticsConfig, parse_config
 from federation.layout import (
@@ -23,6 +22,7 @@ from federation.layout import (
     to_channels_last,
 )
 from federation.models import ModelSpec
+from federation.protocol import HBNLayer, StatisticsReport
 from hbn_core import Moments
 from tests.strategies import floats
 
@@ -211,7 +211,7 @@ def test_fedavg_is_the_example_weighted_mean(values, weights):
     weights = weights[: len(states)]
     expected = np.average(values.astype(np.float32).astype(np.float64), axis=0, weights=weights)
     np.testing.assert_allclose(
-        aggregate.fedavg(states, weights)["w"], expected, rtol=1e-6, atol=1e-4
+        protocol.fedavg(states, weights)["w"], expected, rtol=1e-6, atol=1e-4
     )
 
 
@@ -231,11 +231,11 @@ def test_pooled_statistics_equal_those_of_the_concatenated_data(sizes, seed):
     parts = [rng.normal(rng.normal(scale=5), size=(n * per_example, 2)) for n in sizes]
     reports = [_report(x, 100, per_example) for x in parts]
     everything = np.concatenate(parts)
-    mean, var = aggregate.pool_statistics(reports, StatisticsConfig())["norm1"]
+    mean, var = protocol.pool_statistics(reports, StatisticsConfig())["norm1"]
     np.testing.assert_allclose(mean, everything.mean(0), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(var, everything.var(0), rtol=1e-10, atol=1e-10)
     # The authors' Bessel correction over examples: sum of squares / (elements - elements/examples)
-    _, authors = aggregate.pool_statistics(reports, StatisticsConfig(variance="bessel-examples"))[
+    _, authors = protocol.pool_statistics(reports, StatisticsConfig(variance="bessel-examples"))[
         "norm1"
     ]
     examples = sum(sizes)
@@ -248,14 +248,14 @@ def test_dataset_weighting_weighs_clients_by_their_data_set_size():
     rng = np.random.default_rng(0)
     a, b = rng.normal(0, 1, size=(8, 1)), rng.normal(10, 1, size=(8, 1))
     reports = [_report(a, 300, 1), _report(b, 100, 1)]
-    mean, _ = aggregate.pool_statistics(reports, StatisticsConfig(weighting="dataset"))["norm1"]
+    mean, _ = protocol.pool_statistics(reports, StatisticsConfig(weighting="dataset"))["norm1"]
     np.testing.assert_allclose(mean, 0.75 * a.mean(0) + 0.25 * b.mean(0), rtol=1e-12)
 
 
 def test_blend_is_an_ema():
     previous = {"n": (np.zeros(2), np.ones(2))}
     pooled = {"n": (np.full(2, 4.0), np.full(2, 9.0))}
-    mean, var = aggregate.blend_statistics(previous, pooled, 0.25)["n"]
+    mean, var = protocol.blend_statistics(previous, pooled, 0.25)["n"]
     np.testing.assert_array_equal(mean, [1.0, 1.0])
     np.testing.assert_array_equal(var, [3.0, 3.0])
 
@@ -274,8 +274,9 @@ def test_blend_is_an_ema():
     ],
 )
 def test_malformed_reports_are_refused(report, match):
+    layers = {"norm1": HBNLayer(2, "norm1.global_mean", "norm1.global_var", "norm1.alpha")}
     with pytest.raises(ValueError, match=match):
-        aggregate.check_statistics_report(report, {"norm1": 2})
+        protocol.check_report(report, layers)
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -317,8 +318,8 @@ def test_each_method_builds_its_model(method, norm, layout_has):
 
 def test_fixbn_freezes_statistics_from_its_switch_round():
     config = parse_config({"method": "fixbn", "rounds": 10, "fixbn": {"switch_fraction": 0.3}})
-    assert [config.freezes_statistics(r) for r in range(10)] == [False] * 3 + [True] * 7
-    assert not parse_config({"method": "bn", "rounds": 10}).freezes_statistics(9)
+    assert [protocol.freezes_statistics(config, r) for r in range(10)] == [False] * 3 + [True] * 7
+    assert not protocol.freezes_statistics(parse_config({"method": "bn", "rounds": 10}), 9)
 
 
 def test_the_demo_configuration_is_valid():

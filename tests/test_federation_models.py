@@ -18,7 +18,15 @@ import numpy as np
 import pytest
 
 from conftest import import_framework
-from federation.models import ARCHITECTURES, NORMS, ModelSpec, SGDConfig, build_model
+from federation import data
+from federation.models import (
+    ARCHITECTURES,
+    NORMS,
+    ModelSpec,
+    SGDConfig,
+    build_model,
+    trainable_batches,
+)
 
 SHAPES = {"simple-cnn": [(1, 8, 8), (3, 17, 27)], "mlp": [(1, 8, 8), (2, 5, 7)]}
 # (3, 17, 27) pools to 8x13, 4x6 and 2x3: odd sizes floor, and fc1 flattens a non-square map.
@@ -512,3 +520,139 @@ def test_options_train_and_evaluate_as_torch_in_float64(other, option):
             rtol=1e-10,
             atol=1e-10,
         )
+
+
+# --- Tiny clients: a 1-example BatchNorm batch is skipped, in every framework -------------------
+
+ALL_MODULES = {"torch": ("federation.models.torch_model", "torch"), **MODULES}
+# (architecture, norm, spec options, freeze_statistics): where 1-example batches differ.
+TINY_CASES = [
+    ("mlp", "bn", {}, False),  # BatchNorm after a dense layer: one value per channel
+    ("mlp", "bn", {}, True),  # frozen statistics (FixBN's second stage): no batch statistics
+    ("mlp", "bn", {"local_norm": True}, False),  # FedBN
+    ("simple-cnn", "bn", {}, False),  # 2x2 maps or larger: 4 values per channel at least
+    ("mlp", "hbn", {}, False),  # HBN: the global half of the mixture normalises
+    ("mlp", "hbn", {"hybrid": "global"}, False),  # FBN
+    ("mlp", "gn", {}, False),
+    ("mlp", "none", {"feature_norm": True}, False),  # FedFN
+]
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(name, marks=getattr(pytest.mark, marker))
+        for name, (_, marker) in ALL_MODULES.items()
+    ]
+)
+def any_framework(request: pytest.FixtureRequest) -> str:
+    """Every framework, each in its own session: ``torch``, ``jax`` or ``keras``."""
+    module, marker = ALL_MODULES[request.param]
+    import_framework(module, marker)
+    return request.param
+
+
+def tiny_client_batches(spec: ModelSpec, examples: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A client's batches of size 2, as the federation cuts them: 3 examples give 2 and 1."""
+    rng = np.random.default_rng(examples)
+    x = rng.normal(size=(examples, *spec.input_shape)).astype(np.float32)
+    y = rng.integers(0, CLASSES, examples).astype(np.int64)
+    return list(data.batches(x, y, np.arange(examples), batch_size=2, rng=None))
+
+
+@pytest.mark.parametrize(("architecture", "norm", "options", "frozen"), TINY_CASES)
+def test_tiny_clients_train_in_every_framework(any_framework, architecture, norm, options, frozen):
+    """Clients of 1 and 3 examples, batch size 2: nothing raises, nothing turns non-finite.
+
+    A 1-example batch is skipped exactly where BatchNorm would normalise one value per channel
+    with its own statistics; a client with only such a batch returns the state it received.
+    """
+    spec = option_spec(architecture, norm, **options)
+    model = build_model(any_framework, spec, seed=0)
+    start = nontrivial(model.get_state(), spec, seed=1)
+    skips_single = norm == "bn" and architecture == "mlp" and not frozen
+    for examples in (1, 3):
+        batches = tiny_client_batches(spec, examples)
+        assert [len(y) for _, y in batches] == ([1] if examples == 1 else [2, 1])
+        model.set_state(start)
+        result = model.train(batches, SGDConfig(lr=0.1), freeze_statistics=frozen)
+        trained = model.get_state()
+        kept = [len(y) for _, y in batches if not (skips_single and len(y) == 1)]
+        assert (result.steps, result.examples) == (len(kept), sum(kept))
+        assert all(np.isfinite(value).all() for value in trained.values())
+        assert np.isfinite(result.loss_sum)
+        if not kept:
+            assert_states_equal(trained, start)
+        else:
+            assert any(not np.array_equal(trained[k], start[k]) for k in start)
+        evaluation = model.evaluate(batches)
+        assert evaluation.examples == examples
+        assert np.isfinite(evaluation.loss_sum)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "norm", "frozen", "skipped"),
+    [
+        ("mlp", "bn", False, True),
+        ("mlp", "bn", True, False),
+        ("simple-cnn", "bn", False, False),
+        ("mlp", "hbn", False, False),
+        ("mlp", "gn", False, False),
+    ],
+)
+def test_trainable_batches_skip_only_single_value_batchnorm_batches(
+    architecture, norm, frozen, skipped
+):
+    spec = option_spec(architecture, norm)
+    batches = [tiny_client_batches(spec, n)[-1] for n in (1, 2, 3)]  # sizes 1, 2, 1
+    kept = list(trainable_batches(batches, spec, freeze_statistics=frozen))
+    assert [len(y) for _, y in kept] == ([2] if skipped else [1, 2, 1])
+    assert all(
+        k is b
+        for k, b in zip(kept, [b for b in batches if len(b[1]) > 1 or not skipped], strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("architecture", "shape"), [(a, s) for a, shapes in SHAPES.items() for s in shapes]
+)
+@pytest.mark.parametrize("norm", NORMS)
+def test_norm_positions_are_the_elements_per_example_at_each_norm(architecture, shape, norm):
+    spec = make_spec(architecture, norm, shape)
+    expected = norm_input_sizes(spec) if norm != "none" else {}
+    assert spec.norm_positions() == expected
+    assert list(expected) == spec.norm_layers()
+
+
+TINY_METHODS = ["hbn", "hbn-authors", "fbn", "bn", "fedbn", "fixbn", "gn", "ln", "fedfn", "none"]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("examples_per_client", [1, 3])
+@pytest.mark.parametrize("method", TINY_METHODS)
+def test_a_federation_of_tiny_clients_runs_every_method(method, examples_per_client):
+    """Every client must succeed (min_clients = all of them), every round, batch size 2."""
+    import_framework("federation.models.torch_model", "torch")
+    from federation.config import parse_config
+    from federation.data import Dataset
+    from federation.runner import run
+
+    rng = np.random.default_rng(0)
+    clients, test = 4, 6
+    train = clients * examples_per_client
+    labels = np.arange(train + test) % 3
+    images = rng.normal(size=(train + test, 1, 8, 8)) + labels[:, None, None, None]
+    dataset = Dataset.from_arrays(images[:train], labels[:train], images[train:], labels[train:])
+    config = parse_config(
+        {
+            "method": method,
+            "rounds": 2,
+            "data": {"num_clients": clients, "partition": "iid"},
+            "model": {"architecture": "mlp", "hidden": 8},
+            "train": {"batch_size": 2, "lr": 0.05},
+            "clients": {"min_clients": clients},
+        }
+    )
+    result = run(config, dataset=dataset)
+    assert [record.round for record in result.history] == [1, 2]
+    assert all(not record.faults for record in result.history)
+    assert all(np.isfinite(record.accuracy) for record in result.history)

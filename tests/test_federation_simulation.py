@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from federation import aggregate
+from federation import protocol
 from federation.client import Client
 from federation.config import StatisticsConfig, parse_config
 from federation.data import Dataset
@@ -81,7 +81,7 @@ def test_pooled_statistics_equal_central_statistics_for_any_split(owners, batch_
         )
         for k in np.unique(owners)
     ]
-    pooled = aggregate.pool_statistics(reports, settings_)
+    pooled = protocol.pool_statistics(reports, settings_)
     central = central_statistics(simulation, np.arange(len(owners)))
     for name, (mean, var) in pooled.items():
         count, central_mean, m2 = central[name]
@@ -104,13 +104,13 @@ def test_a_round_sets_the_global_statistics_of_the_union_of_client_data():
 
 def test_fedavg_of_the_round_is_weighted_by_example_count(monkeypatch):
     seen = {}
-    original = aggregate.fedavg
+    original = protocol.fedavg
 
     def spy(states, weights):
         seen["states"], seen["weights"] = states, weights
         return original(states, weights)
 
-    monkeypatch.setattr(aggregate, "fedavg", spy)
+    monkeypatch.setattr(protocol, "fedavg", spy)
     simulation = Simulation(small_config(), dataset=DATA)
     simulation.run_round()
     assert seen["weights"] == [len(c.indices) for c in simulation.clients]
@@ -124,23 +124,23 @@ def test_fedavg_of_the_round_is_weighted_by_example_count(monkeypatch):
 
 def test_personal_alpha_is_never_sent_and_differs_between_clients(monkeypatch):
     sent = []
-    original = aggregate.fedavg
-    monkeypatch.setattr(aggregate, "fedavg", lambda s, w: (sent.extend(s), original(s, w))[1])
+    original = protocol.fedavg
+    monkeypatch.setattr(protocol, "fedavg", lambda s, w: (sent.extend(s), original(s, w))[1])
     simulation = Simulation(small_config(), dataset=DATA)
     simulation.run()
     alpha_names = select(simulation.layout, Role.PERSONAL)
     assert alpha_names
     assert not any(name in update for update in sent for name in alpha_names)
     assert not any(name in simulation.global_state for name in alpha_names)
-    alphas = [c.personal["norm1.alpha"] for c in simulation.clients]
+    alphas = [personal["norm1.alpha"] for personal in simulation.state.personal]
     assert not np.array_equal(alphas[0], alphas[1])
     assert all(np.abs(a).max() > 0 for a in alphas)
 
 
 def test_the_authors_method_sends_and_averages_alpha(monkeypatch):
     sent = []
-    original = aggregate.fedavg
-    monkeypatch.setattr(aggregate, "fedavg", lambda s, w: (sent.extend(s), original(s, w))[1])
+    original = protocol.fedavg
+    monkeypatch.setattr(protocol, "fedavg", lambda s, w: (sent.extend(s), original(s, w))[1])
     simulation = Simulation(small_config(method="hbn-authors"), dataset=DATA)
     record = simulation.run_round()
     assert all("norm1.alpha" in update for update in sent)
@@ -153,8 +153,8 @@ def test_the_authors_method_sends_and_averages_alpha(monkeypatch):
 def test_models_without_hbn_skip_the_statistics_step(method):
     simulation = Simulation(small_config(method=method), dataset=DATA)
     record = simulation.run_round()
-    assert record.statistics_clients == []
-    assert record.trained_clients == [0, 1, 2, 3]
+    assert record.statistics_clients == ()
+    assert record.trained_clients == (0, 1, 2, 3)
 
 
 # -- the baselines ------------------------------------------------------------------------------
@@ -163,13 +163,13 @@ def test_models_without_hbn_skip_the_statistics_step(method):
 def spy_on_fedavg(monkeypatch) -> list[tuple[list, list]]:
     """Record every FedAvg call's states and weights."""
     calls = []
-    original = aggregate.fedavg
+    original = protocol.fedavg
 
     def spy(states, weights):
         calls.append((states, weights))
         return original(states, weights)
 
-    monkeypatch.setattr(aggregate, "fedavg", spy)
+    monkeypatch.setattr(protocol, "fedavg", spy)
     return calls
 
 
@@ -179,7 +179,7 @@ def test_fedbn_keeps_batchnorm_on_its_clients_and_averages_it_only_to_evaluate(m
     initial = dict(simulation.initial_personal)
     record = simulation.run_round()
     assert not any(name.startswith("norm") for name in simulation.global_state)
-    own = [c.personal["norm1.weight"] for c in simulation.clients]
+    own = [personal["norm1.weight"] for personal in simulation.state.personal]
     assert not np.array_equal(own[0], own[1])
     states, weights = calls[-1]
     expected = np.average(
@@ -187,12 +187,14 @@ def test_fedbn_keeps_batchnorm_on_its_clients_and_averages_it_only_to_evaluate(m
     )
     np.testing.assert_allclose(simulation.personal_average["norm1.running_mean"], expected, 1e-6)
     # A returning client starts from its own BatchNorm; a new one from the initial one.
-    client = simulation.clients[0]
-    first = simulation._first_personal()
-    assert client.model_state(simulation.global_state, first)["norm1.weight"] is own[0]
+    first = protocol.first_personal(
+        simulation.state, simulation.initial_personal, simulation.config
+    )
+    returning = protocol.model_state(simulation.global_state, simulation.state.personal[0], first)
+    assert returning["norm1.weight"] is own[0]
     np.testing.assert_array_equal(first["norm1.weight"], initial["norm1.weight"])
     assert 0 <= record.personal_accuracy <= 1
-    assert simulation.summary()["last10_mean_personal_accuracy"] == record.personal_accuracy
+    assert simulation.summary().last10_mean_personal_accuracy == record.personal_accuracy
 
 
 def test_a_local_test_split_follows_the_clients_label_proportions():
@@ -258,36 +260,6 @@ def test_server_momentum_is_fedavgm_over_the_rounds_averages(monkeypatch):
         weights[-1] = simulation.global_state["fc2.weight"].astype(np.float64)
 
 
-def test_a_sync_evaluation_pass_that_no_client_answers_uses_the_protocols_statistics(
-    monkeypatch,
-):
-    simulation = Simulation(small_config(eval={"statistics": "sync"}), dataset=DATA)
-    collect, evaluate = Client.collect_statistics, Simulation.evaluate
-    evaluating = []
-
-    def offline_while_evaluating(self, *args, **kwargs):
-        if evaluating:
-            msg = "client offline"
-            raise ConnectionError(msg)
-        return collect(self, *args, **kwargs)
-
-    def flagged_evaluate(self, *args):
-        evaluating.append(True)
-        try:
-            return evaluate(self, *args)
-        finally:
-            evaluating.clear()
-
-    monkeypatch.setattr(Client, "collect_statistics", offline_while_evaluating)
-    monkeypatch.setattr(Simulation, "evaluate", flagged_evaluate)
-    record = simulation.run_round()
-    assert simulation.rounds_done == 1
-    model = simulation.models["torch"]
-    model.set_state({**simulation.global_state, **simulation.personal_average})
-    result = model.evaluate([(DATA.x_test, DATA.y_test)])
-    assert record.accuracy == result.correct / result.examples
-
-
 def test_a_run_with_the_same_seed_gives_the_same_results():
     first = Simulation(small_config(), dataset=DATA)
     second = Simulation(small_config(), dataset=DATA)
@@ -316,9 +288,11 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     assert resumed.simulation.rounds_done == 3
     for name, value in uninterrupted.simulation.global_state.items():
         np.testing.assert_array_equal(resumed.simulation.global_state[name], value)
-    for a, b in zip(uninterrupted.simulation.clients, resumed.simulation.clients, strict=True):
-        for name, value in a.personal.items():
-            np.testing.assert_array_equal(b.personal[name], value)
+    for a, b in zip(
+        uninterrupted.simulation.state.personal, resumed.simulation.state.personal, strict=True
+    ):
+        for name, value in a.items():
+            np.testing.assert_array_equal(b[name], value)
     assert [r.accuracy for r in resumed.history] == [r.accuracy for r in uninterrupted.history]
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
@@ -423,15 +397,15 @@ def test_a_faulty_client_is_left_out_and_the_reason_recorded(fault):
     assert re.search(reason, record.faults[0].reason)
     step = "statistics" if method == "collect_statistics" else "training"
     kept = record.statistics_clients if step == "statistics" else record.trained_clients
-    assert kept == [0, 1, 3]
+    assert kept == (0, 1, 3)
     assert all(np.isfinite(v).all() for v in simulation.global_state.values())
-    assert (bad.personal is None) == (step == "training")
+    assert (simulation.state.personal[2] is None) == (step == "training")
 
 
 def test_too_few_valid_clients_fail_the_round_and_change_nothing():
     simulation = Simulation(small_config(clients={"min_clients": 3}), dataset=DATA)
     simulation.run_round()
-    before = copy.deepcopy((simulation.global_state, [c.personal for c in simulation.clients]))
+    before = copy.deepcopy((simulation.global_state, simulation.state.personal))
     for client in simulation.clients[:2]:
         client.fit = raising(client.fit)
     with pytest.raises(
@@ -441,8 +415,8 @@ def test_too_few_valid_clients_fail_the_round_and_change_nothing():
     assert simulation.rounds_done == 1
     for name, value in before[0].items():
         np.testing.assert_array_equal(simulation.global_state[name], value)
-    for personal, client in zip(before[1], simulation.clients, strict=True):
-        assert all(np.array_equal(personal[k], client.personal[k]) for k in personal)
+    for personal, now in zip(before[1], simulation.state.personal, strict=True):
+        assert all(np.array_equal(personal[k], now[k]) for k in personal)
 
 
 def test_a_model_of_your_own_replaces_the_reference_model():
@@ -452,7 +426,7 @@ def test_a_model_of_your_own_replaces_the_reference_model():
     mine = TorchModel(ModelSpec("mlp", "hbn", (1, 8, 8), 4, hidden=8), seed=1)
     simulation = Simulation(small_config(), dataset=DATA, models={"torch": mine})
     record = simulation.run_round()
-    assert record.trained_clients == [0, 1, 2, 3]
+    assert record.trained_clients == (0, 1, 2, 3)
     assert simulation.global_state["fc1.weight"].shape == (8, 64)
     assert set(simulation.hbn_layers) == {"norm1"}
 

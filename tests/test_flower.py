@@ -28,8 +28,8 @@ import pytest
 flwr = pytest.importorskip("flwr")
 pytest.importorskip("torch")
 
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict  # noqa: E402
-from flwr.serverapp.strategy import FedAdam  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
+from flwr.serverapp.strategy import FedAdam, FedAvg  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
@@ -230,7 +230,7 @@ def test_a_flower_simulation_of_torch_and_flax_nodes_equals_the_embedded_simulat
     for flower_round in strategy.history:
         record = embedded.run_round()
         assert len(flower_round.statistics_nodes) == len(flower_round.trained_nodes) == 6
-        assert flower_round.faults == []
+        assert flower_round.faults == ()
         assert_statistics_equal(flower_round.statistics, embedded.global_statistics())
         assert flower_round.accuracy == pytest.approx(record.accuracy, abs=2 / len(DIGITS.y_test))
     assert sorted(strategy.client_ids.values()) == list(range(6))
@@ -422,6 +422,94 @@ def test_statistics_counters_and_alpha_sent_by_a_node_never_reach_the_base_strat
         np.testing.assert_array_equal(
             result.arrays[f"{name}.global_mean"].numpy(), mean.astype(np.float32)
         )
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_flower_and_embedded_rounds_give_the_same_statistics_in_float64():
+    """The same reports give the same global statistics on both engines, and float64 stays.
+
+    Round 1's reports are computed from the same initial model, data and random streams on
+    both engines, and pooled in the same (client) order: the statistics agree bit for bit.
+    Later rounds start from weights averaged by Flower's FedAvg and by the protocol's, which
+    agree to rounding.
+    """
+    config = small_config(rounds=2, model={"dtype": "float64"})
+    grid = LocalGrid(make_client_app(config, dataset=DIGITS), 4)
+    strategy = HBNFedAvg(config=config, layout=_layout(config))
+    result = start(strategy, config, grid)
+    assert {array.numpy().dtype for array in result.arrays.values()} == {np.dtype(np.float64)}
+    embedded = Simulation(config, dataset=DIGITS)
+    for index, flower_round in enumerate(strategy.history):
+        embedded.run_round()
+        expected = embedded.global_statistics()
+        assert set(flower_round.statistics) == set(expected)
+        for name, (mean, var) in expected.items():
+            if index == 0:
+                np.testing.assert_array_equal(flower_round.statistics[name][0], mean)
+                np.testing.assert_array_equal(flower_round.statistics[name][1], var)
+            np.testing.assert_allclose(flower_round.statistics[name][0], mean, 1e-10, 1e-12)
+            np.testing.assert_allclose(flower_round.statistics[name][1], var, 1e-10, 1e-12)
+    for name, value in embedded.global_state.items():
+        np.testing.assert_allclose(result.arrays[name].numpy(), value, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_strategy_leaves_the_callers_train_config_as_it_was():
+    config = small_config(rounds=1)
+    grid = LocalGrid(make_client_app(config, dataset=DIGITS), 4)
+    strategy = HBNFedAvg(config=config, layout=_layout(config))
+    initial = Simulation(config, dataset=DIGITS)
+    names = select(initial.layout, Role.SHARED, Role.STATISTICS)
+    arrays = ArrayRecord({k: flwr.app.Array(initial.global_state[k]) for k in names})
+    train_config = ConfigRecord({"mine": 1})
+    strategy.start(grid, arrays, num_rounds=1, timeout=60, train_config=train_config)
+    assert [r.round for r in strategy.history] == [1]
+    assert dict(train_config) == {"mine": 1}
+
+
+class DuplicatingGrid(LocalGrid):
+    """Delivers node 1's replies twice, as a network that retries may."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        return replies + [r for r in replies if r.metadata.src_node_id == 1]
+
+
+class AveragingSpy(FedAvg):
+    """FedAvg that keeps the replies it averages."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.averaged = []
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        self.averaged.append([r.metadata.src_node_id for r in replies])
+        return super().aggregate_train(server_round, replies)
+
+
+class HBNAveragingSpy(HBNStrategy, AveragingSpy):
+    """HBN over the spy: what reaches the base strategy's average."""
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_reply_delivered_twice_counts_once(caplog):
+    config = small_config(rounds=1)
+    app = make_client_app(config, dataset=DIGITS)
+    clean = HBNFedAvg(config=config, layout=_layout(config))
+    start(clean, config, LocalGrid(app, 4))
+    twice = HBNAveragingSpy(config=config, layout=_layout(config))
+    with caplog.at_level(logging.WARNING, logger="federation"):
+        start(twice, config, DuplicatingGrid(app, 4))
+    assert caplog.text.count("a second reply from node 1 is ignored") >= 2  # statistics, train
+    assert [sorted(nodes) for nodes in twice.averaged] == [[1, 2, 3, 4]]
+    (round_,) = twice.history
+    assert round_.trained_nodes == round_.statistics_nodes == (1, 2, 3, 4)
+    assert round_.faults == ()
+    # Round 1's statistics come from the initial model: the duplicate changed nothing there.
+    for name, (mean, var) in clean.history[0].statistics.items():
+        np.testing.assert_array_equal(round_.statistics[name][0], mean)
+        np.testing.assert_array_equal(round_.statistics[name][1], var)
 
 
 def test_the_run_configuration_maps_onto_the_hbn_configuration():

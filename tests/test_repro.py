@@ -10,13 +10,14 @@ import pytest
 
 from federation.repro import (
     PROFILES,
+    RunResult,
+    confidence_interval,
     export_runs,
     import_runs,
     plan,
     plan_ablation,
     plan_candidates,
     run_profile,
-    seed_interval,
     verdict,
     write_report,
 )
@@ -40,10 +41,10 @@ def test_every_method_runs_and_beats_chance(quick_results):
     _, results, _ = quick_results
     grid = results.grid
     chance = 1 / 10
-    accuracy = {r["run"]["method"]: r["summary"]["last10_mean_accuracy"] for r in grid}
+    accuracy = {r.run.method: r.summary.last10_mean_accuracy for r in grid}
     assert sorted(accuracy) == sorted(QUICK.methods)
     assert all(value > 2 * chance for value in accuracy.values()), accuracy
-    assert all(r["summary"]["faults"] == 0 for r in grid)
+    assert all(r.summary.faults == 0 for r in grid)
 
 
 def test_each_run_is_stored_once_and_a_second_call_resumes_without_rerunning(quick_results):
@@ -77,14 +78,14 @@ def test_exported_runs_import_into_a_fresh_folder_and_resume_there(quick_results
 def test_a_run_recorded_before_ablations_existed_imports_under_its_own_id(quick_results, tmp_path):
     out, results, _ = quick_results
     grid = results.grid
-    record = json.loads(json.dumps(grid[0]))
+    record = grid[0].to_json()
     del record["run"]["variant"], record["run"]["overrides"]
     exported = tmp_path / "runs.jsonl"
     exported.write_text(json.dumps(record) + "\n")
     fresh = tmp_path / "fresh"
     assert import_runs(exported, fresh) == 1
     (stored,) = (fresh / "runs").iterdir()
-    assert json.loads((out / "runs" / stored.name).read_text()) == grid[0]
+    assert RunResult.from_json(json.loads((out / "runs" / stored.name).read_text())) == grid[0]
 
 
 def test_a_corrupt_export_is_refused_with_its_line(tmp_path):
@@ -148,7 +149,7 @@ def test_runs_are_planned_seed_by_seed_with_the_tuned_lr():
 
 
 def test_seed_intervals_are_student_t_intervals():
-    mean, half = seed_interval([0.70, 0.72, 0.74])
+    mean, half = confidence_interval([0.70, 0.72, 0.74])
     assert mean == pytest.approx(0.72)
     # t(0.975, 2) = 4.302653, s = 0.02: half-width 4.302653 * 0.02 / sqrt(3).
     assert half == pytest.approx(4.302653 * 0.02 / np.sqrt(3), rel=1e-6)

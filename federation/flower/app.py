@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import ConfigRecord
 from flwr.serverapp import ServerApp
 
+from federation import protocol
 from federation.data import load_dataset
 from federation.flower.client_app import make_client_app
 from federation.flower.strategy import HBNFedAvg
@@ -141,7 +142,8 @@ def _write_results(
         "rounds": rounds,
         "client_ids": {str(node): client for node, client in strategy.client_ids.items()},
     }
-    (path / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+    text = json.dumps(protocol.json_safe(document), indent=2, allow_nan=False)
+    (path / "results.json").write_text(text + "\n")
     if result is not None:
         state: State = state_from_record(result.arrays)
         np.savez(path / "global_state.npz", **state)

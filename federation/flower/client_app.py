@@ -25,7 +25,8 @@ import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from federation.client import Client
+from federation import protocol
+from federation.client import Client, load_state
 from federation.data import batches, load_dataset, partition
 from federation.flower.wire import (
     STATISTICS_ACTION,
@@ -36,7 +37,7 @@ from federation.flower.wire import (
 )
 from federation.layout import Role, check_state, select
 from federation.models import ModelSpec, build_model
-from federation.simulation import Stream, seeded_rng
+from federation.protocol import Stream, seeded_rng
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -91,8 +92,9 @@ class _Node:
         else:
             self.model = models(framework)
             self.initial_personal = _personal(self.model)
+        self.personal: State | None = None
         if PERSONAL_KEY in context.state.array_records:
-            self.client.personal = state_from_record(context.state.array_records[PERSONAL_KEY])
+            self.personal = state_from_record(context.state.array_records[PERSONAL_KEY])
 
     def rng(
         self, stream: Stream, round_index: int, *, client: int | None = None
@@ -123,7 +125,7 @@ class _Node:
 
     def model_state(self, global_state: State) -> State:
         """The global state with this node's alpha (or the initial one)."""
-        return self.client.model_state(global_state, self.initial_personal)
+        return protocol.model_state(global_state, self.personal, self.initial_personal)
 
 
 def make_client_app(
@@ -200,7 +202,7 @@ def make_client_app(
     def evaluate(message: Message, context: Context) -> Message:
         here = node(context)
         state, _, _ = here.received(message)
-        here.model.set_state({**state, **here.initial_personal})
+        load_state(here.model, {**state, **here.initial_personal})
         shares = np.array_split(np.arange(len(here.data.y_test)), here.num_clients)
         result = here.model.evaluate(
             batches(

@@ -1,25 +1,26 @@
 """HBN rounds on Flower's Message API: a strategy mixin over any FedAvg-family strategy.
 
-Each round of :class:`HBNStrategy` does what :class:`federation.simulation.Simulation` does in
-process, on the nodes the base strategy samples:
+Each round of :class:`HBNStrategy` runs :mod:`federation.protocol`, as the embedded
+:class:`federation.simulation.Simulation` does, on the nodes the base strategy samples:
 
 1. **statistics query**: a ``query.hbn_statistics`` message with the global model (shared
    tensors and global statistics) goes to the sampled nodes; each reports the exact moments of
-   every HBN layer's input. The reports are checked with
-   :func:`federation.aggregate.check_statistics_report`, pooled with
-   :func:`federation.aggregate.pool_statistics` and blended into the global statistics with
-   :func:`federation.aggregate.blend_statistics`, all in float64;
+   every HBN layer's input. The reports are checked (:func:`~federation.protocol.check_report`)
+   and pooled and blended into the global statistics
+   (:func:`~federation.protocol.next_statistics`), in float64;
 2. **training**: the base strategy's own train messages go to the same nodes, with the current
-   global model (the statistics of the previous round, as in the embedded simulation);
-3. **aggregation**: every reply is cut down to the ``shared`` tensors *before* the base
-   strategy's ``aggregate_train`` sees it, so FedAvg, FedAdam, FedYogi or FedAvgM average and
-   step only the weights. The new statistics join the result afterwards: a variance is never
-   averaged nor moved by a server optimiser, and counters never travel.
+   global model (the statistics of the previous round, as in the embedded simulation) and the
+   round's learning rate (:func:`~federation.protocol.learning_rate`);
+3. **aggregation**: every reply is checked (:func:`~federation.protocol.check_update`) and cut
+   down to the ``shared`` tensors *before* the base strategy's ``aggregate_train`` sees it, so
+   FedAvg, FedAdam, FedYogi or FedAvgM average and step only the weights. The new statistics
+   join the result afterwards, in the global state's dtype: a variance is never averaged nor
+   moved by a server optimiser, and counters never travel.
 
 A node that fails, does not reply, or replies with an invalid report or update is logged with
-its reason (logger ``federation``) and left out of that step. With fewer than
-``clients.min_clients`` valid nodes in a step, :class:`~federation.simulation.RoundFailedError`
-is raised and the global state stays as it was.
+its reason (logger ``federation``) and left out of that step; a node's second reply to one
+message is ignored. With fewer than ``clients.min_clients`` valid nodes in a step,
+:class:`~federation.protocol.RoundFailedError` is raised and the global state stays as it was.
 """
 
 from __future__ import annotations
@@ -30,11 +31,10 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from federation import aggregate
+from federation import protocol
 from federation.config import ConfigError
 from federation.flower.wire import (
     STATISTICS_MESSAGE_TYPE,
@@ -43,17 +43,17 @@ from federation.flower.wire import (
     state_record,
 )
 from federation.layout import Role, check_state, select
-from federation.simulation import RoundFailedError
+from federation.protocol import RoundFailedError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
 
     from flwr.app import ArrayRecord, MetricRecord
     from flwr.serverapp import Grid
 
-    from federation.aggregate import GlobalStatistics, StatisticsReport
     from federation.config import Config
     from federation.layout import Layout, State
+    from federation.protocol import GlobalStatistics, StatisticsReport
 
 __all__ = ["FlowerRound", "HBNFedAvg", "HBNStrategy", "NodeFault"]
 
@@ -70,7 +70,7 @@ class NodeFault:
     reason: str
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FlowerRound:
     """What one committed round did; rounds count from 1, nodes are Flower node ids.
 
@@ -82,15 +82,15 @@ class FlowerRound:
 
     round: int
     lr: float
-    sampled: list[int]
-    statistics_nodes: list[int] = dataclasses.field(default_factory=list)
-    trained_nodes: list[int] = dataclasses.field(default_factory=list)
+    sampled: tuple[int, ...]
+    statistics_nodes: tuple[int, ...] = ()
+    trained_nodes: tuple[int, ...] = ()
     statistics: GlobalStatistics = dataclasses.field(default_factory=dict)
     train_loss: float | None = None
     accuracy: float | None = None
     loss: float | None = None
-    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-    faults: list[NodeFault] = dataclasses.field(default_factory=list)
+    seconds: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    faults: tuple[NodeFault, ...] = ()
 
 
 class HBNStrategy:
@@ -104,9 +104,9 @@ class HBNStrategy:
     Parameters
     ----------
     config
-        The federation's configuration: its ``statistics``, ``train`` (lr schedule) and
-        ``clients`` (sampling) sections apply. ``alpha.policy`` must be ``"personal"`` and
-        ``eval.statistics`` ``"ema"``.
+        The federation's configuration: its ``statistics``, ``train`` (lr schedule),
+        ``clients`` (sampling, ``min_clients``) and ``eval`` (schedule) sections apply.
+        ``alpha.policy`` must be ``"personal"`` and ``eval.statistics`` ``"ema"``.
     layout
         The model's canonical layout (``FrameworkModel.layout``).
     query_timeout
@@ -145,16 +145,14 @@ class HBNStrategy:
         self.layout = dict(layout)
         self.shared_names = select(layout, Role.SHARED)
         self.statistics_names = select(layout, Role.STATISTICS)
-        self.hbn_layers = {
-            name.removesuffix(".global_mean"): spec.shape[0]
-            for name, spec in layout.items()
-            if spec.role is Role.STATISTICS and name.endswith(".global_mean")
-        }
+        self.hbn_layers = protocol.hbn_layers(layout)
         self.history: list[FlowerRound] = []
         self.client_ids: dict[int, int] = {}
-        self._pending: FlowerRound | None = None
-        self._clock = 0.0  # when the current step's messages went out
         self.query_timeout = query_timeout
+        # The round between configure_train and aggregate_train, and the state it went out with.
+        self._pending: FlowerRound | None = None
+        self._sent: State = {}
+        self._clock = 0.0  # when the current step's messages went out
 
     # -- the round ---------------------------------------------------------------------------
 
@@ -165,60 +163,74 @@ class HBNStrategy:
 
         The base strategy sees only the ``shared`` tensors, so a server optimiser keeps its
         state over weights alone. The train messages carry the whole global state, and the
-        round's learning rate as ``lr`` in the config.
+        round's learning rate as ``lr`` in a copy of ``config`` (which is left as it is).
         """
         start = time.perf_counter()
+        self._pending = None
         state = state_from_record(arrays)
         check_state(state, self.layout, names=self.shared_names + self.statistics_names)
-        train = self.hbn_config.train
-        lr = train.lr * train.lr_decay ** (server_round - 1)
-        config["lr"] = lr
+        lr = protocol.learning_rate(self.hbn_config.train, server_round - 1)
+        train_config = ConfigRecord({**dict(config), "lr": lr})
         shared = state_record({name: state[name] for name in self.shared_names})
-        messages = list(super().configure_train(server_round, shared, config, grid))
-        nodes = [m.metadata.dst_node_id for m in messages]
-        record = FlowerRound(round=server_round, lr=lr, sampled=nodes)
-        self._pending = None
+        messages = list(super().configure_train(server_round, shared, train_config, grid))
+        nodes = tuple(m.metadata.dst_node_id for m in messages)
+        faults: list[NodeFault] = []
+        statistics: GlobalStatistics = {}
+        reports: dict[int, StatisticsReport] = {}
         if self.hbn_layers and messages:
-            reports = self._query_statistics(record, arrays, grid)
-            pooled = aggregate.pool_statistics(list(reports.values()), self.hbn_config.statistics)
-            record.statistics = aggregate.blend_statistics(
-                _statistics(state, self.hbn_layers), pooled, self.hbn_config.statistics.momentum
+            reports = self._query_statistics(server_round, nodes, arrays, grid, faults)
+            settings = self.hbn_config.statistics
+            statistics = protocol.next_statistics(
+                state, list(reports.values()), settings, self.hbn_layers, server_round - 1
             )
-            record.statistics_nodes = sorted(reports)
         self._clock = time.perf_counter()
-        record.seconds["statistics"] = self._clock - start
-        self._pending = record
+        self._pending = FlowerRound(
+            round=server_round,
+            lr=lr,
+            sampled=nodes,
+            statistics_nodes=tuple(sorted(reports)),
+            statistics=statistics,
+            seconds={"statistics": self._clock - start},
+            faults=tuple(faults),
+        )
+        self._sent = state
         for message in messages:
             message.content = _with_arrays(message.content, arrays)
         return messages
 
     def _query_statistics(
-        self, record: FlowerRound, arrays: ArrayRecord, grid: Grid
+        self,
+        server_round: int,
+        nodes: tuple[int, ...],
+        arrays: ArrayRecord,
+        grid: Grid,
+        faults: list[NodeFault],
     ) -> dict[int, StatisticsReport]:
-        config = ConfigRecord({"server-round": record.round})
-        content = RecordDict({"arrays": arrays, "config": config})
+        """The nodes' checked reports, in the order of their client ids (as the embedded pool)."""
+        content = RecordDict(
+            {"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}
+        )
         queries = [
             Message(content=content, message_type=STATISTICS_MESSAGE_TYPE, dst_node_id=node)
-            for node in record.sampled
+            for node in nodes
         ]
-        replies = list(grid.send_and_receive(queries, timeout=self.query_timeout))
+        replies = grid.send_and_receive(queries, timeout=self.query_timeout)
         reports: dict[int, StatisticsReport] = {}
-        for reply in replies:
+        for reply in _first_replies(replies, nodes):
             node = reply.metadata.src_node_id
             try:
                 reports[node] = self._read_report(reply)
             except (ValueError, TypeError) as error:
-                self._fault(record, node, "statistics", f"{type(error).__name__}: {error}")
-        self._fault_missing(record, "statistics", replies)
-        self._require_enough(record, "statistics", len(reports))
-        return reports
+                faults.append(self._fault(server_round, node, "statistics", error))
+        self._require_enough(server_round, "statistics", nodes, reports, faults)
+        return dict(sorted(reports.items(), key=lambda item: self.client_ids.get(item[0], item[0])))
 
     def _read_report(self, reply: Message) -> StatisticsReport:
         if reply.has_error():
             msg = f"the node replied with an error: {reply.error.reason}"
             raise ValueError(msg)
         report = read_report(reply.content, self.hbn_layers)
-        aggregate.check_statistics_report(report, self.hbn_layers)
+        protocol.check_report(report, self.hbn_layers)
         client_id = reply.content.metric_records["hbn-report"].get("client-id")
         if isinstance(client_id, int):
             self.client_ids[reply.metadata.src_node_id] = client_id
@@ -232,29 +244,36 @@ class HBNStrategy:
         if record is None or record.round != server_round:
             msg = f"round {server_round}: aggregate_train without its configure_train."
             raise RuntimeError(msg)
-        replies = list(replies)
-        valid = []
-        for reply in replies:
+        faults = list(record.faults)
+        valid: dict[int, Message] = {}
+        for reply in _first_replies(replies, record.sampled):
+            node = reply.metadata.src_node_id
             try:
                 reply.content = self._shared_only(reply)
             except (ValueError, TypeError) as error:
-                reason = f"{type(error).__name__}: {error}"
-                self._fault(record, reply.metadata.src_node_id, "training", reason)
+                faults.append(self._fault(server_round, node, "training", error))
             else:
-                valid.append(reply)
-        self._fault_missing(record, "training", replies)
-        self._require_enough(record, "training", len(valid))
-        shared, metrics = super().aggregate_train(server_round, valid)
+                valid[node] = reply
+        self._require_enough(server_round, "training", record.sampled, valid, faults)
+        shared, metrics = super().aggregate_train(server_round, list(valid.values()))
         if shared is None:
             msg = f"round {server_round}: the base strategy aggregated nothing."
             raise RoundFailedError(msg)
-        state = {name: shared[name].numpy().astype(np.float32) for name in self.shared_names}
-        state |= _statistics_state(record.statistics)
-        record.trained_nodes = sorted(r.metadata.src_node_id for r in valid)
+        sent = self._sent
+        state = {name: shared[name].numpy().astype(sent[name].dtype) for name in self.shared_names}
+        state |= protocol.statistics_state(record.statistics, self.hbn_layers, sent)
+        train_loss = None
         if metrics is not None and "train-loss" in metrics:
-            record.train_loss = float(metrics["train-loss"])
-        record.seconds["training"] = time.perf_counter() - self._clock
-        self.history.append(record)
+            train_loss = float(metrics["train-loss"])
+        self.history.append(
+            dataclasses.replace(
+                record,
+                trained_nodes=tuple(sorted(valid)),
+                train_loss=train_loss,
+                seconds={**record.seconds, "training": time.perf_counter() - self._clock},
+                faults=tuple(faults),
+            )
+        )
         self._pending = None
         return state_record(state), metrics
 
@@ -277,21 +296,23 @@ class HBNStrategy:
         ((array_key, arrays),) = content.array_records.items()
         received = state_from_record(arrays)
         shared = {name: received[name] for name in self.shared_names if name in received}
-        check_state(shared, self.layout, names=self.shared_names)
         (metrics,) = content.metric_records.values()
         examples = metrics.get(self.weighted_by_key)
-        if not isinstance(examples, int) or examples <= 0:
-            key = self.weighted_by_key
-            msg = f"the reply's `{key}` must be a positive integer; got {examples!r}."
-            raise ValueError(msg)
+        protocol.check_update(
+            shared,
+            examples,
+            self.layout,
+            self.shared_names,
+            like=self._sent,
+            train_loss=metrics.get("train-loss"),
+        )
         return _with_arrays(content, state_record(shared), key=array_key)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """The base strategy's evaluation, every ``eval.every`` rounds and after the last."""
-        every, last = self.hbn_config.eval.every, self.hbn_config.rounds
-        if server_round % every and server_round != last:
+        """The base strategy's evaluation, in the rounds :func:`~federation.protocol.evaluates`."""
+        if not protocol.evaluates(self.hbn_config, server_round - 1):
             return []
         self._clock = time.perf_counter()
         return super().configure_evaluate(server_round, arrays, config, grid)
@@ -302,36 +323,68 @@ class HBNStrategy:
         """The base strategy's weighted evaluation metrics, also kept in :attr:`history`."""
         metrics: MetricRecord | None = super().aggregate_evaluate(server_round, replies)
         if metrics is not None and self.history and self.history[-1].round == server_round:
-            self.history[-1].accuracy = _metric(metrics, "accuracy")
-            self.history[-1].loss = _metric(metrics, "loss")
-            self.history[-1].seconds["evaluation"] = time.perf_counter() - self._clock
+            last = self.history[-1]
+            self.history[-1] = dataclasses.replace(
+                last,
+                accuracy=_metric(metrics, "accuracy"),
+                loss=_metric(metrics, "loss"),
+                seconds={**last.seconds, "evaluation": time.perf_counter() - self._clock},
+            )
         return metrics
 
     # -- faults ------------------------------------------------------------------------------
 
-    def _fault(self, record: FlowerRound, node: int, step: str, reason: str) -> None:
+    def _fault(self, server_round: int, node: int, step: str, error: Exception | str) -> NodeFault:
+        reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         logger.warning(
-            "round %d: node %d left out of the %s step: %s", record.round, node, step, reason
+            "round %d: node %d left out of the %s step: %s", server_round, node, step, reason
         )
-        record.faults.append(NodeFault(record.round, node, step, reason))
+        return NodeFault(server_round, node, step, reason)
 
-    def _fault_missing(self, record: FlowerRound, step: str, replies: list[Message]) -> None:
-        answered = {reply.metadata.src_node_id for reply in replies}
-        for node in record.sampled:
-            if node not in answered:
-                self._fault(record, node, step, "no reply before the timeout")
-
-    def _require_enough(self, record: FlowerRound, step: str, valid: int) -> None:
-        minimum = self.hbn_config.clients.min_clients
-        if valid < minimum:
-            self._pending = None
-            reasons = "; ".join(f"node {f.node_id}: {f.reason}" for f in record.faults)
-            msg = (
-                f"round {record.round}: only {valid} valid nodes in the {step} step, fewer than "
-                f"clients.min_clients = {minimum}; the global state is unchanged. "
-                f"Faults: {reasons or 'none'}"
+    def _require_enough(
+        self,
+        server_round: int,
+        step: str,
+        sampled: tuple[int, ...],
+        valid: Mapping[int, object],
+        faults: list[NodeFault],
+    ) -> None:
+        """Record the sampled nodes that did not reply, then apply the fault policy."""
+        answered = valid.keys() | {f.node_id for f in faults if f.step == step}
+        faults += [
+            self._fault(server_round, node, step, "no reply before the timeout")
+            for node in sampled
+            if node not in answered
+        ]
+        try:
+            protocol.require_enough(
+                len(valid),
+                self.hbn_config.clients.min_clients,
+                round_number=server_round,
+                step=step,
+                faults=[f"node {f.node_id}: {f.reason}" for f in faults if f.step == step],
+                participants="nodes",
             )
-            raise RoundFailedError(msg)
+        except RoundFailedError:
+            self._pending = None
+            raise
+
+
+def _first_replies(replies: Iterable[Message], nodes: tuple[int, ...]) -> list[Message]:
+    """Each sampled node's first reply: a reply delivered twice counts once.
+
+    Replies from nodes that were not sent the message are left out and logged.
+    """
+    first: dict[int, Message] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if node not in nodes:
+            logger.warning("a reply from node %d, which was not sampled, is ignored", node)
+        elif node in first:
+            logger.warning("a second reply from node %d is ignored", node)
+        else:
+            first[node] = reply
+    return list(first.values())
 
 
 class HBNFedAvg(HBNStrategy, FedAvg):
@@ -377,24 +430,6 @@ def _with_arrays(content: RecordDict, arrays: ArrayRecord, *, key: str | None = 
     if key is None:
         (key,) = content.array_records
     return RecordDict({**{k: v for k, v in content.items() if k != key}, key: arrays})
-
-
-def _statistics(state: State, layers: dict[str, int]) -> GlobalStatistics:
-    return {
-        name: (
-            state[f"{name}.global_mean"].astype(np.float64),
-            state[f"{name}.global_var"].astype(np.float64),
-        )
-        for name in layers
-    }
-
-
-def _statistics_state(statistics: GlobalStatistics) -> State:
-    state: State = {}
-    for name, (mean, var) in statistics.items():
-        state[f"{name}.global_mean"] = mean.astype(np.float32)
-        state[f"{name}.global_var"] = var.astype(np.float32)
-    return state
 
 
 def _metric(metrics: MetricRecord, name: str) -> float | None:

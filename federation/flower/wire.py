@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from federation.aggregate import StatisticsReport
-from federation.config import ConfigError, parse_config
+from federation.config import at_least, build_section, option, parse_config
+from federation.protocol import StatisticsReport
 from hbn_core import Moments
 
 if TYPE_CHECKING:
@@ -63,8 +63,12 @@ class ServerOptions:
         Where the server app writes ``results.json`` and ``global_state.npz``; empty: nowhere.
     """
 
-    timeout: float = 3600.0
-    out_dir: str = ""
+    timeout: float = option(
+        3600.0,
+        "seconds to wait for the nodes' replies in each step",
+        bounds=at_least(0, 10**6, strict=True, text="a positive number of seconds"),
+    )
+    out_dir: str = option("", "where the server app writes its results; empty: nowhere")
 
 
 def state_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -95,9 +99,9 @@ def report_content(report: StatisticsReport, client_id: int) -> RecordDict:
 
 
 def read_report(content: RecordDict, layers: Iterable[str]) -> StatisticsReport:
-    """The :class:`~federation.aggregate.StatisticsReport` a statistics reply carries.
+    """The :class:`~federation.protocol.StatisticsReport` a statistics reply carries.
 
-    Only the structure is read here; :func:`federation.aggregate.check_statistics_report`
+    Only the structure is read here; :func:`federation.protocol.check_report`
     checks the values.
 
     Raises
@@ -156,18 +160,5 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Serve
         for section in sections:
             cursor = cursor.setdefault(section, {})
         cursor[leaf] = value
-    flower = table.pop("flower", {})
-    fields = {f.name for f in dataclasses.fields(ServerOptions)}
-    unknown = sorted(set(flower) - fields)
-    if unknown:
-        msg = f"unknown key(s) {['flower.' + k for k in unknown]}; flower allows {sorted(fields)}."
-        raise ConfigError(msg)
-    timeout = flower.get("timeout", ServerOptions.timeout)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        msg = f"`flower.timeout` must be a positive number of seconds; got {timeout!r}."
-        raise ConfigError(msg)
-    out_dir = flower.get("out_dir", ServerOptions.out_dir)
-    if not isinstance(out_dir, str):
-        msg = f"`flower.out_dir` must be a string (a folder, or empty); got {out_dir!r}."
-        raise ConfigError(msg)
-    return parse_config(table), ServerOptions(float(timeout), out_dir)
+    options: ServerOptions = build_section(ServerOptions, table.pop("flower", {}), prefix="flower.")
+    return parse_config(table), options

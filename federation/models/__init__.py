@@ -16,10 +16,10 @@ import dataclasses
 import importlib
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, get_args
 
-from federation.layout import Kind, Layout, Role, TensorSpec
+from federation.layout import HBNPart, HBNTensor, Kind, Layout, Role, TensorSpec
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
 
     import numpy as np
 
@@ -34,6 +34,7 @@ __all__ = [
     "SGDConfig",
     "TrainResult",
     "build_model",
+    "trainable_batches",
 ]
 
 Architecture = Literal["simple-cnn", "mlp"]
@@ -156,6 +157,22 @@ class ModelSpec:
         """The canonical names of the norm layers."""
         return [layer.name for layer in self.layers() if layer.kind == "norm"]
 
+    def norm_positions(self) -> dict[str, int]:
+        r"""Each norm layer's values per channel for one example, by canonical name.
+
+        1 for the MLP's norm, which follows a dense layer; :math:`H_k \times W_k` for the
+        Simple-CNN's ``norm{k}``, the size of the map of ``conv{k}``
+        (:math:`\lfloor H / 2^{k-1} \rfloor` by :math:`\lfloor W / 2^{k-1} \rfloor`). An HBN
+        layer's element count for ``e`` examples is ``e`` times this.
+        """
+        if self.architecture == "mlp" or self.norm == "none":
+            return dict.fromkeys(self.norm_layers(), 1)
+        _, height, width = self.input_shape
+        return {
+            f"norm{k}": (height >> (k - 1)) * (width >> (k - 1))
+            for k in range(1, len(self.channels) + 1)
+        }
+
     def layout(self) -> Layout:
         """Every canonical tensor of the model, with its shape, role and layout kind."""
         layout: Layout = {}
@@ -177,11 +194,14 @@ class ModelSpec:
             vector = TensorSpec((layer.out_features,), Role.PERSONAL)
         tensors = {f"{layer.name}.weight": vector, f"{layer.name}.bias": vector}
         if self.norm == "hbn":
-            statistic = TensorSpec((layer.out_features,), Role.STATISTICS)
+            shape = (layer.out_features,)
+            positions = self.norm_positions()[layer.name]
             if self.hybrid == "learned":
-                tensors[f"{layer.name}.alpha"] = TensorSpec((layer.out_features,), Role.PERSONAL)
-            tensors[f"{layer.name}.global_mean"] = statistic
-            tensors[f"{layer.name}.global_var"] = statistic
+                alpha = HBNTensor(layer.name, HBNPart.ALPHA)
+                tensors[f"{layer.name}.alpha"] = TensorSpec(shape, Role.PERSONAL, hbn=alpha)
+            for part in (HBNPart.GLOBAL_MEAN, HBNPart.GLOBAL_VAR):
+                hbn = HBNTensor(layer.name, part, positions)
+                tensors[f"{layer.name}.{part}"] = TensorSpec(shape, Role.STATISTICS, hbn=hbn)
         elif self.norm == "bn":
             tensors[f"{layer.name}.running_mean"] = vector
             tensors[f"{layer.name}.running_var"] = vector
@@ -260,13 +280,39 @@ class FrameworkModel(Protocol):
 
         ``freeze_statistics``: BatchNorm layers normalise with their running statistics and
         leave them unchanged, while their weight and bias still train (FixBN's second stage).
-        Other layers are unaffected.
+        Other layers are unaffected. The reference models skip the batches that
+        :func:`trainable_batches` leaves out.
         """
         ...
 
     def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
         """Cross-entropy and accuracy in inference mode (HBN: global statistics only)."""
         ...
+
+
+def trainable_batches(
+    batches: Iterable[Batch], spec: ModelSpec, *, freeze_statistics: bool
+) -> Iterator[Batch]:
+    """The batches a reference model trains on: all, but one that BatchNorm cannot normalise.
+
+    A BatchNorm layer in training normalises a batch with its own statistics, and a batch that
+    gives it a single value per channel has none: torch refuses it ("Expected more than 1 value
+    per channel when training"), while Flax and Keras map every value to the layer's bias and
+    pull the running variance toward 0. So, with ``norm = "bn"`` and statistics that train
+    (not ``freeze_statistics``), a batch of one example is **skipped** where one example gives
+    a norm layer one value per channel (the MLP; the Simple-CNN's maps hold at least 4). The
+    same batches are skipped in every framework. It happens to the last batch of a client
+    whose data is one more than a multiple of the batch size, and to every batch of a client
+    with one example, which then does not train: it returns the state it received, with no
+    step and no example counted. HBN layers train on any batch (the global half of their
+    mixture normalises it), and FBN and frozen statistics use no batch statistics.
+    """
+    skips_single = (
+        spec.norm == "bn" and not freeze_statistics and min(spec.norm_positions().values()) == 1
+    )
+    for batch in batches:
+        if not (skips_single and len(batch[1]) == 1):
+            yield batch
 
 
 def build_model(framework: str, spec: ModelSpec, *, seed: int) -> FrameworkModel:

@@ -53,6 +53,7 @@ from federation.models import (
     ModelSpec,
     SGDConfig,
     TrainResult,
+    trainable_batches,
 )
 
 if TYPE_CHECKING:
@@ -305,7 +306,7 @@ class JaxModel:
         hyper = _Hyperparameters.from_config(sgd, self.spec.dtype)
         opt_state = _optimizer(hyper).init(params)
         losses, sizes = [], []
-        for batch in batches:
+        for batch in trainable_batches(batches, self.spec, freeze_statistics=freeze_statistics):
             images, labels = _as_arrays(batch, self.spec.dtype)
             params, rest, opt_state, loss = _train_step(
                 graphdef, params, rest, opt_state, images, labels, hyper

@@ -54,6 +54,7 @@ from federation.models import (
     ModelSpec,
     SGDConfig,
     TrainResult,
+    trainable_batches,
 )
 
 if TYPE_CHECKING:
@@ -327,7 +328,9 @@ class KerasModel:
         loss_sum, examples, steps = 0.0, 0, 0
         self._freeze_statistics(freeze_statistics)
         try:
-            for images, labels in batches:
+            for images, labels in trainable_batches(
+                batches, self.spec, freeze_statistics=freeze_statistics
+            ):
                 loss = self.network.train_on_batch(
                     np.asarray(images, self.spec.dtype), np.asarray(labels, np.int64)
                 )

@@ -24,6 +24,7 @@ from federation.models import (
     ModelSpec,
     SGDConfig,
     TrainResult,
+    trainable_batches,
 )
 from hbn_core import Moments
 
@@ -157,7 +158,7 @@ class TorchModel:
             parameters, lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay
         )
         loss_sum, examples, steps = 0.0, 0, 0
-        for x, y in batches:
+        for x, y in trainable_batches(batches, self.spec, freeze_statistics=freeze_statistics):
             loss = F.cross_entropy(self.network(self._tensor(x)), torch.from_numpy(y))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
