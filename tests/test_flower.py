@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import uuid
 
 import numpy as np
@@ -42,6 +43,7 @@ from federation.flower import (  # noqa: E402
     make_client_app,
     make_server_app,
 )
+from federation.flower.strategy import _first_replies  # noqa: E402
 from federation.flower.wire import STATISTICS_MESSAGE_TYPE  # noqa: E402
 from federation.layout import Role, select  # noqa: E402
 from federation.models import ModelSpec  # noqa: E402
@@ -510,6 +512,18 @@ def test_a_reply_delivered_twice_counts_once(caplog):
     for name, (mean, var) in clean.history[0].statistics.items():
         np.testing.assert_array_equal(round_.statistics[name][0], mean)
         np.testing.assert_array_equal(round_.statistics[name][1], var)
+
+
+def test_replies_from_unsampled_nodes_and_second_replies_are_left_out(caplog):
+    def reply(node):
+        return types.SimpleNamespace(metadata=types.SimpleNamespace(src_node_id=node))
+
+    first, other, again, stranger = reply(1), reply(2), reply(1), reply(9)
+    with caplog.at_level(logging.WARNING, logger="federation"):
+        kept = _first_replies([first, other, again, stranger], (1, 2, 3))
+    assert kept == [first, other]
+    assert "a second reply from node 1 is ignored" in caplog.text
+    assert "a reply from node 9, which was not sampled, is ignored" in caplog.text
 
 
 def test_the_run_configuration_maps_onto_the_hbn_configuration():
