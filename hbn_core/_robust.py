@@ -42,11 +42,12 @@ if TYPE_CHECKING:
 __all__ = ["median_of_means_pool", "trimmed_pool"]
 
 
-class _SortingNamespace(Protocol):
+class _RobustNamespace(Protocol):
     """The functions of the Array API that the robust pools call beyond the core's."""
 
     def sort(self, x: Array, /, *, axis: int = -1) -> Array: ...
     def argsort(self, x: Array, /, *, axis: int = -1, stable: bool = True) -> Array: ...
+    def max(self, x: Array, /, *, axis: int | None = None) -> Array: ...
 
 
 def trimmed_pool(
@@ -130,14 +131,23 @@ def trimmed_pool(
     _check_int_within("trim", trim, f"0 <= 2 * trim < {size}", lambda t: 0 <= 2 * t < size)
     counts, means, m2s = stacked_parts(present, xp=xp)
     stds = xp.sqrt(m2s / xp.reshape(counts, (-1, 1)))
-    scores = _squared_distance(means, _median(means, xp), xp) + _squared_distance(
-        stds, _median(stds, xp), xp
+    # Ranks are the same in any unit; in units of the largest |mean| or deviation, no square
+    # overflows.
+    unit = _largest_magnitude(xp.stack([means, stds]), xp)
+    unit = xp.reshape(xp.where(unit > 0, unit, xp.ones_like(unit)), (1, -1))
+    means_in_units, stds_in_units = means / unit, stds / unit
+    scores = _squared_distance(means_in_units, _median(means_in_units, xp), xp) + _squared_distance(
+        stds_in_units, _median(stds_in_units, xp), xp
     )
-    sorter = cast("_SortingNamespace", xp)
+    sorter = cast("_RobustNamespace", xp)
     ranks = sorter.argsort(sorter.argsort(scores, axis=0, stable=True), axis=0, stable=True)
-    keep = xp.astype(ranks < size - trim, counts.dtype, copy=False)
-    kept_counts = xp.reshape(counts, (-1, 1)) * keep
-    mean, m2 = pool_columns(kept_counts, means, m2s * keep, xp=xp)
+    kept = ranks < size - trim
+    zeros = xp.ones_like(means) * 0
+    kept_counts = xp.where(kept, xp.reshape(counts, (-1, 1)) * xp.ones_like(means), zeros)
+    # Dropped parts leave no trace: not in the sums, nor in the unit of huge means.
+    mean, m2 = pool_columns(
+        kept_counts, xp.where(kept, means, zeros), xp.where(kept, m2s, zeros), xp=xp
+    )
     total = xp.sum(counts)
     return Moments(total_count, mean, m2 * (total / xp.sum(kept_counts, axis=0)))
 
@@ -251,9 +261,16 @@ def _check_int_within(name: str, value: int, rule: str, within: Callable[[int], 
         raise ValueError(msg)
 
 
+def _largest_magnitude(values: Array, xp: ArrayNamespace) -> Array:
+    """The largest :math:`|v|` of ``(S, K, C)`` values, per channel: ``(C,)``."""
+    magnitudes = xp.where(values < 0, -values, values)
+    flat = xp.reshape(magnitudes, (-1, int(values.shape[-1])))
+    return cast("_RobustNamespace", xp).max(flat, axis=0)
+
+
 def _median(values: Array, xp: ArrayNamespace) -> Array:
     """The median of ``(K, C)`` values along axis 0; the mean of the two middle ones for even K."""
-    ordered = cast("_SortingNamespace", xp).sort(values, axis=0)
+    ordered = cast("_RobustNamespace", xp).sort(values, axis=0)
     count = int(values.shape[0])
     upper = ordered[count // 2, ...]
     if count % 2:

@@ -170,6 +170,24 @@ def test_parts_with_count_zero_are_left_out(parts, empties):
         np.testing.assert_array_equal(actual.m2, expected.m2)
 
 
+@given(
+    parts=nonempty_chunks(min_size=3),
+    position=st.integers(0, 8),
+    magnitude=st.sampled_from([1e6, 1e30, 1e300]),
+)
+def test_a_dropped_part_leaves_no_trace(parts, position, magnitude):
+    """One far-away liar, trimmed: the honest pool to rounding, whatever the liar's magnitude.
+
+    (Had its 1e300 mean set the unit of the pool, the honest deviations would underflow.)
+    """
+    honest = [moments(p) for p in parts]
+    liar = report(7, np.full(parts[0].shape[1], magnitude), np.ones(parts[0].shape[1]))
+    trimmed = trimmed_pool([*honest[:position], liar, *honest[position:]], trim=1)
+    exact = pool_moments(honest)
+    np.testing.assert_allclose(trimmed.mean, exact.mean, rtol=1e-14, atol=1e-300)
+    np.testing.assert_allclose(variance(trimmed), variance(exact), rtol=1e-13, atol=1e-300)
+
+
 # --- Byzantine parts ------------------------------------------------------------------------
 
 
