@@ -7,16 +7,22 @@ mismatched report never half-updates a model.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-import array_api_compat.numpy as numpy_xp
+import array_api_compat.numpy
 import numpy as np
 
 import hbn_core
 from hbn_core import Moments
 
+# array-api-compat >= 1.16 types its NumPy namespace with its own stubs, whose signatures mypy
+# does not match structurally to hbn_core's protocol; at run time it provides every function.
+numpy_xp = cast("ArrayNamespace", array_api_compat.numpy)
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
+
+    from hbn_core._typing import ArrayNamespace
 
 __all__ = ["checked_global_statistics"]
 
