@@ -42,6 +42,7 @@ from rich.text import Text
 
 from federation.checkpoint import CheckpointError
 from federation.config import ConfigError, load_config, parse_config
+from federation.data import DataError
 from federation.protocol import RoundFailedError
 from federation.repro import (
     PROFILES,
@@ -248,6 +249,9 @@ def _federation(arguments: argparse.Namespace, console: Console, display: Consol
         _error(console, "configuration error", error)
         return EXIT_BAD_INPUT
     out = pathlib.Path(arguments.out)
+    if out.exists() and not out.is_dir():
+        _error(console, "cannot start", f"--out must be a folder; {out} is an existing file.")
+        return EXIT_BAD_INPUT
     try:
         result = _run_with_progress(config, arguments, display)
     except ModuleNotFoundError as error:
@@ -263,6 +267,9 @@ def _federation(arguments: argparse.Namespace, console: Console, display: Consol
         return EXIT_BAD_INPUT
     except (FileNotFoundError, ImportError, ConfigError) as error:
         _error(console, "cannot start", error)
+        return EXIT_BAD_INPUT
+    except DataError as error:
+        _error(console, "data error", error)
         return EXIT_BAD_INPUT
     except CheckpointError as error:
         _error(console, "cannot resume", error)

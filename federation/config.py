@@ -445,9 +445,26 @@ class Config:
         return METHODS[self.method]
 
     def model_spec(self, input_shape: tuple[int, int, int], num_classes: int) -> ModelSpec:
-        """The reference model of this ``method`` for a data set's examples and classes."""
+        """The reference model of this ``method`` for a data set's examples and classes.
+
+        Raises
+        ------
+        ConfigError
+            If ``model.architecture`` cannot take the data set's examples (the Simple-CNN's
+            pools need images of at least 8x8).
+        """
+        try:
+            return self._model_spec(input_shape, num_classes)
+        except ValueError as error:
+            msg = (
+                f"`model.architecture` = {self.model.architecture!r} cannot take the data "
+                f"set's examples of shape {input_shape}: {error}"
+            )
+            raise ConfigError(msg) from error
+
+    def _model_spec(self, input_shape: tuple[int, int, int], num_classes: int) -> ModelSpec:
         method = self.method_spec
-        return ModelSpec(
+        spec = ModelSpec(
             self.model.architecture,
             method.norm,
             input_shape,
@@ -458,6 +475,8 @@ class Config:
             hybrid=method.hybrid,
             local_norm=method.local_norm,
         )
+        spec.layout()  # raises ValueError where the architecture cannot take the input shape
+        return spec
 
     @property
     def client_frameworks(self) -> list[str]:
@@ -563,6 +582,9 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
             table = tomllib.load(file)
         except tomllib.TOMLDecodeError as error:
             msg = f"{path} is not valid TOML: {error}."
+            raise ConfigError(msg) from error
+        except UnicodeDecodeError as error:
+            msg = f"{path} must be UTF-8 TOML; byte {error.start} is not UTF-8 ({error.reason})."
             raise ConfigError(msg) from error
     return parse_config(table, overrides)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from federation import protocol
 from federation.client import Client, load_state
-from federation.data import batches, load_dataset, partition
+from federation.data import batches, check_clients_with_data, load_dataset, partition
 from federation.layout import Role, select
 from federation.models import build_model
 from federation.protocol import Fault, FederationState, RoundFailedError, RoundRecord, Stream
@@ -90,12 +90,6 @@ class Simulation:
             else load_dataset(config.data.name, seed=config.seed, path=config.data.path)
         )
         frameworks = config.client_frameworks
-        needed = list(dict.fromkeys([config.eval_framework, *frameworks]))
-        self.models = dict(models) if models is not None else self._reference_models(needed)
-        self.layout = _common_layout(self.models, needed)
-        self.hbn_layers = protocol.hbn_layers(self.layout)
-        initial = self.models[config.eval_framework].get_state()
-        self.initial_personal: State = {k: initial[k] for k in select(self.layout, Role.PERSONAL)}
         indices = partition(
             self.data.y_train,
             config.data.num_clients,
@@ -104,17 +98,17 @@ class Simulation:
             beta=config.data.beta,
             shards_per_client=config.data.shards_per_client,
         )
+        check_clients_with_data(indices, config.clients.min_clients)
+        needed = list(dict.fromkeys([config.eval_framework, *frameworks]))
+        self.models = dict(models) if models is not None else self._reference_models(needed)
+        self.layout = _common_layout(self.models, needed)
+        self.hbn_layers = protocol.hbn_layers(self.layout)
+        initial = self.models[config.eval_framework].get_state()
+        self.initial_personal: State = {k: initial[k] for k in select(self.layout, Role.PERSONAL)}
         self.clients = tuple(
             Client(i, fw, idx) for i, (fw, idx) in enumerate(zip(frameworks, indices, strict=True))
         )
         self.state = protocol.initial_state(initial, self.layout, len(self.clients))
-        eligible = [c for c in self.clients if len(c.indices)]
-        if len(eligible) < config.clients.min_clients:
-            msg = (
-                f"only {len(eligible)} clients hold data, fewer than clients.min_clients = "
-                f"{config.clients.min_clients}; lower it or change the partition."
-            )
-            raise ValueError(msg)
 
     def _reference_models(self, frameworks: list[str]) -> dict[str, FrameworkModel]:
         spec = self.config.model_spec(self.data.input_shape, self.data.num_classes)
