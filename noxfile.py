@@ -268,6 +268,19 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def attack(session: nox.Session) -> None:
+    """Poisoned statistics against each pool (not run by CI; about 13 minutes on 2 cores).
+
+    Writes the table of docs/robustness.md's Measured section to attack.md, to paste there.
+    """
+    session.install(TORCH, "-e", ".[torch,federation]")
+    session.run(
+        "python", "benchmarks/attack.py", "--rounds", "15", "--seeds", "3", "--out", "attack.md",
+        *session.posargs, env={"PYTHONPATH": "."},
+    )  # fmt: skip
+
+
+@nox.session
 def repro(session: nox.Session) -> None:
     """The reproduction grid on Fashion-MNIST (about 4 hours on 2 cores; not run by CI).
 

@@ -654,3 +654,157 @@ def test_imports_stay_light(package, absent):
     )
     imported = set(json.loads(completed.stdout))
     assert imported.isdisjoint(absent), sorted(imported & set(absent))
+
+
+# -- reports and updates that must not pass, and robust pools (issue 17) -------------------------
+
+
+def change_statistics(change):
+    """A statistics-reply change: ``change(arrays)`` on the reply's NumPy arrays."""
+
+    def apply(_message, reply):
+        arrays = {k: v.numpy() for k, v in reply.content["hbn-statistics"].items()}
+        reply.content["hbn-statistics"] = ArrayRecord(
+            {k: flwr.app.Array(v) for k, v in change(arrays).items()}
+        )
+        return reply
+
+    return apply
+
+
+def change_train_reply(partition: int, change):
+    """A client mod: ``change(content)`` on node ``partition``'s train replies."""
+
+    def mod(message, context, call_next):
+        reply = call_next(message, context)
+        if message.metadata.message_type == "train" and context.node_config["partition-id"] == (
+            partition
+        ):
+            change(reply.content)
+        return reply
+
+    return mod
+
+
+POISONED_REPORTS = {
+    "mean 1e39": (lambda a: a | {"norm1.mean": np.full_like(a["norm1.mean"], 1e39)}, "3.40"),
+    "m2 1e300": (lambda a: a | {"norm1.m2": np.full_like(a["norm1.m2"], 1e300)}, "3.40"),
+    "count 2**62": (
+        lambda a: a | {"norm1.count": np.asarray(2**62, np.int64)},
+        "4611686018427387904",
+    ),
+    "count + 1": (
+        lambda a: a | {"norm1.count": np.asarray(a["norm1.count"] + 1)},
+        "count` must be",
+    ),
+    "float count": (
+        lambda a: a | {"norm1.count": a["norm1.count"].astype(np.float64)},
+        "integer",
+    ),
+}
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("lie", list(POISONED_REPORTS))
+def test_a_flower_report_that_cannot_be_true_is_a_fault_and_the_rest_pool(lie):
+    change, reason = POISONED_REPORTS[lie]
+    config = small_config(rounds=1)
+    mods = [fail_statistics_of(1, change_statistics(change))]
+    grid = LocalGrid(make_client_app(config, dataset=DIGITS, mods=mods), 4)
+    strategy = RecordingFedAvg(config=config, layout=_layout(config))
+    result = start(strategy, config, grid)
+    (flower_round,) = strategy.history
+    (fault,) = flower_round.faults
+    assert fault.step == "statistics"
+    assert reason in fault.reason, fault.reason
+    valid = sorted(strategy.client_ids[node] for node in flower_round.statistics_nodes)
+    assert valid == [0, 2, 3]
+    assert_statistics_equal(
+        flower_round.statistics, central_statistics(config, strategy.sent[0], valid)
+    )
+    assert all(np.isfinite(array.numpy()).all() for array in result.arrays.values())
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_flower_round_that_fails_on_lies_commits_nothing():
+    config = small_config(rounds=1, clients={"min_clients": 4})
+    change, _ = POISONED_REPORTS["mean 1e39"]
+    mods = [fail_statistics_of(0, change_statistics(change))]
+    grid = LocalGrid(make_client_app(config, dataset=DIGITS, mods=mods), 4)
+    strategy = HBNFedAvg(config=config, layout=_layout(config))
+    with pytest.raises(RoundFailedError, match="statistics step"):
+        start(strategy, config, grid)
+    assert strategy.history == []
+
+
+def float16_arrays(content):
+    arrays = {k: v.numpy().astype(np.float16) for k, v in content["arrays"].items()}
+    content["arrays"] = ArrayRecord({k: flwr.app.Array(v) for k, v in arrays.items()})
+
+
+def nan_loss(content):
+    metrics = dict(content["metrics"])
+    content["metrics"] = flwr.app.MetricRecord({**metrics, "train-loss": float("nan")})
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (float16_arrays, "must be float32, the global model's dtype; got float16"),
+        (nan_loss, "training loss must be a finite number"),
+    ],
+    ids=["float16", "nan-loss"],
+)
+def test_a_flower_update_in_another_dtype_or_with_a_nan_loss_is_a_fault(change, reason):
+    config = small_config(rounds=1)
+    mods = [change_train_reply(2, change)]
+    grid = LocalGrid(make_client_app(config, dataset=DIGITS, mods=mods), 4)
+    strategy = HBNFedAvg(config=config, layout=_layout(config))
+    result = start(strategy, config, grid)
+    (flower_round,) = strategy.history
+    (fault,) = flower_round.faults
+    assert fault.step == "training"
+    assert reason in fault.reason
+    assert len(flower_round.trained_nodes) == 3
+    assert {a.numpy().dtype for a in result.arrays.values()} == {np.dtype(np.float32)}
+    assert np.isfinite(flower_round.train_loss)
+
+
+def shift_100_sigma(arrays):
+    shifted = dict(arrays)
+    for key in [k for k in arrays if k.endswith(".mean")]:
+        layer = key.removesuffix(".mean")
+        std = np.sqrt(arrays[f"{layer}.m2"] / arrays[f"{layer}.count"])
+        shifted[key] = arrays[key] + 100 * std
+    return shifted
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(
+    "pool", [{"aggregator": "trimmed", "trim": 1}, {"aggregator": "median-of-means", "groups": 3}]
+)
+def test_a_robust_pool_on_flower_keeps_the_statistics_near_the_clean_ones(pool):
+    def statistics(settings, liar):
+        config = small_config(
+            rounds=1,
+            data={"num_clients": 5, "partition": "iid"},
+            clients={"min_clients": 5},
+            statistics=settings,
+        )
+        mods = [fail_statistics_of(0, change_statistics(shift_100_sigma))] if liar else []
+        grid = LocalGrid(make_client_app(config, dataset=DIGITS, mods=mods), 5)
+        strategy = HBNFedAvg(config=config, layout=_layout(config))
+        start(strategy, config, grid)
+        (flower_round,) = strategy.history
+        assert flower_round.faults == ()
+        return flower_round.statistics
+
+    clean = statistics({}, liar=False)
+    exact = statistics({}, liar=True)
+    robust = statistics(pool, liar=True)
+    for name, (mean, var) in clean.items():
+        scale = np.sqrt(var).max()
+        assert np.abs(exact[name][0] - mean).max() > 10 * scale, name
+        assert np.abs(robust[name][0] - mean).max() < scale, name
+        np.testing.assert_array_less(robust[name][1], 4 * var + 1e-6)
