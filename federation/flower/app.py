@@ -11,12 +11,13 @@ with a configuration, strategy or model given in Python instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import ServerApp
 
 from federation.data import load_dataset
@@ -27,6 +28,7 @@ from federation.flower.wire import (
     config_from_run_config,
     state_from_record,
     state_record,
+    write_atomically,
 )
 from federation.layout import Role, select
 from federation.models import build_model
@@ -36,7 +38,6 @@ if TYPE_CHECKING:
 
     from flwr.app import Context
     from flwr.serverapp import Grid
-    from flwr.serverapp.strategy import Result
 
     from federation.config import Config
     from federation.flower.strategy import HBNStrategy
@@ -70,9 +71,11 @@ def make_server_app(
     Returns
     -------
     flwr.serverapp.ServerApp
-        With ``options.out_dir`` set, it writes ``results.json`` (``"status"`` is
-        ``"completed"`` or ``"failed"``, per-round records and faults) and
-        ``global_state.npz``.
+        With ``options.out_dir`` set, it writes ``results.json`` when the run starts and after
+        every round, atomically: the Flower ``run_id``, a ``status`` (``"running"``, then
+        ``"completed"``, ``"stopped"`` by ``flwr stop`` or an interrupt, or ``"failed"``
+        with its ``error``), the per-round records and their faults. ``global_state.npz``
+        is the global state after the last round written.
     """
     app = ServerApp()
 
@@ -87,6 +90,12 @@ def make_server_app(
         chosen = (strategy or _default_strategy)(hbn, initial.layout)
         state = initial.get_state()
         names = select(initial.layout, Role.SHARED, Role.STATISTICS)
+        write = functools.partial(_write_results, server.out_dir, context.run_id, hbn, chosen)
+
+        def after_round(_server_round: int, arrays: ArrayRecord) -> None:
+            write("running", arrays=arrays)
+
+        write("running")
         try:
             result = chosen.start(
                 grid,
@@ -95,11 +104,15 @@ def make_server_app(
                 timeout=server.timeout,
                 train_config=ConfigRecord(),
                 evaluate_config=ConfigRecord(),
+                evaluate_fn=after_round,
             )
         except Exception as error:
-            _write_results(server.out_dir, hbn, chosen, None, error)
+            write("failed", error=error)
             raise
-        _write_results(server.out_dir, hbn, chosen, result, None)
+        except BaseException as stop:  # flwr stop (RunNotRunningException), Ctrl-C, exit
+            write("stopped", error=stop)
+            raise
+        write("completed", arrays=result.arrays)
 
     return app
 
@@ -116,16 +129,25 @@ def _reference_model(config: Config) -> FrameworkModel:
 
 def _write_results(
     out_dir: str,
+    run_id: int,
     config: Config,
     strategy: HBNStrategy,
-    result: Result | None,
-    error: Exception | None,
+    status: str,
+    *,
+    arrays: ArrayRecord | None = None,
+    error: BaseException | None = None,
 ) -> None:
-    """Write ``results.json`` and, after a completed run, ``global_state.npz``."""
+    """Write ``results.json`` (and ``global_state.npz`` from ``arrays``), each atomically.
+
+    The state goes first, so a ``results.json`` that names a round never comes with an older
+    state.
+    """
     if not out_dir:
         return
     path = pathlib.Path(out_dir)
-    path.mkdir(parents=True, exist_ok=True)
+    if arrays is not None:
+        state: State = state_from_record(arrays)
+        write_atomically(path / "global_state.npz", lambda stream: np.savez(stream, **state))
     rounds: list[dict[str, Any]] = []
     for record in strategy.history:
         fields = dataclasses.asdict(record)
@@ -135,16 +157,15 @@ def _write_results(
         }
         rounds.append(fields)
     document = {
-        "status": "failed" if error is not None else "completed",
+        "run_id": run_id,
+        "status": status,
         "error": None if error is None else f"{type(error).__name__}: {error}",
         "config": config.to_dict(),
         "rounds": rounds,
         "client_ids": {str(node): client for node, client in strategy.client_ids.items()},
     }
-    (path / "results.json").write_text(json.dumps(document, indent=2) + "\n")
-    if result is not None:
-        state: State = state_from_record(result.arrays)
-        np.savez(path / "global_state.npz", **state)
+    text = json.dumps(document, indent=2) + "\n"
+    write_atomically(path / "results.json", lambda stream: stream.write(text.encode()))
 
 
 server_app = make_server_app()

@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import FedAvg
 from federation import protocol
 from federation.config import ConfigError
 from federation.flower.wire import (
+    FRAMEWORK_MISSING,
     STATISTICS_MESSAGE_TYPE,
     read_report,
     state_from_record,
@@ -50,14 +51,23 @@ if TYPE_CHECKING:
 
     from flwr.app import ArrayRecord, MetricRecord
     from flwr.serverapp import Grid
+    from flwr.serverapp.strategy import Result
 
     from federation.config import Config
     from federation.layout import Layout, State
     from federation.protocol import GlobalStatistics, StatisticsReport
 
-__all__ = ["FlowerRound", "HBNFedAvg", "HBNStrategy", "NodeFault"]
+__all__ = ["FlowerRound", "HBNFedAvg", "HBNStrategy", "NodeFault", "NodeSetupError"]
 
 logger = logging.getLogger("federation")
+
+
+class NodeSetupError(RuntimeError):
+    """A node cannot build its partition's model (its framework is missing): the run stops.
+
+    A fault of one message would recur in every message to that node, so it is not left out
+    round after round; the run fails at the first step, naming the node and the framework.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +120,8 @@ class HBNStrategy:
     layout
         The model's canonical layout (``FrameworkModel.layout``).
     query_timeout
-        Seconds to wait for the statistics reports.
+        Seconds to wait for the statistics reports; default: the ``timeout`` given to
+        :meth:`start`, which bounds every other step too.
     **kwargs
         The base strategy's arguments. ``fraction_train``, ``min_train_nodes`` and
         ``min_available_nodes`` default to ``clients.fraction`` and ``clients.min_clients``.
@@ -134,7 +145,12 @@ class HBNStrategy:
     weighted_by_key: str
 
     def __init__(
-        self, *, config: Config, layout: Layout, query_timeout: float = 3600.0, **kwargs: Any
+        self,
+        *,
+        config: Config,
+        layout: Layout,
+        query_timeout: float | None = None,
+        **kwargs: Any,
     ) -> None:
         _check_supported(config)
         kwargs.setdefault("fraction_train", config.clients.fraction)
@@ -149,12 +165,20 @@ class HBNStrategy:
         self.history: list[FlowerRound] = []
         self.client_ids: dict[int, int] = {}
         self.query_timeout = query_timeout
+        self._timeout = 3600.0  # start's timeout (Flower's default), for the statistics query
         # The round between configure_train and aggregate_train, and the state it went out with.
         self._pending: FlowerRound | None = None
         self._sent: State = {}
         self._clock = 0.0  # when the current step's messages went out
 
     # -- the round ---------------------------------------------------------------------------
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
+        """Flower's run loop; its ``timeout`` also bounds the statistics query of every round."""
+        timeout = kwargs.get("timeout", args[1] if len(args) > 1 else 3600.0)
+        self._timeout = float(timeout)
+        result: Result = super().start(grid, initial_arrays, *args, **kwargs)  # type: ignore[misc]
+        return result
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -214,7 +238,8 @@ class HBNStrategy:
             Message(content=content, message_type=STATISTICS_MESSAGE_TYPE, dst_node_id=node)
             for node in nodes
         ]
-        replies = grid.send_and_receive(queries, timeout=self.query_timeout)
+        timeout = self._timeout if self.query_timeout is None else self.query_timeout
+        replies = grid.send_and_receive(queries, timeout=timeout)
         reports: dict[int, StatisticsReport] = {}
         for reply in _first_replies(replies, nodes):
             node = reply.metadata.src_node_id
@@ -226,9 +251,7 @@ class HBNStrategy:
         return dict(sorted(reports.items(), key=lambda item: self.client_ids.get(item[0], item[0])))
 
     def _read_report(self, reply: Message) -> StatisticsReport:
-        if reply.has_error():
-            msg = f"the node replied with an error: {reply.error.reason}"
-            raise ValueError(msg)
+        _raise_reply_error(reply)
         report = read_report(reply.content, self.hbn_layers)
         protocol.check_report(report, self.hbn_layers)
         client_id = reply.content.metric_records["hbn-report"].get("client-id")
@@ -283,9 +306,7 @@ class HBNStrategy:
         Statistics, alpha and counters (``num_batches_tracked``) a client may have sent are
         dropped here, before any averaging.
         """
-        if reply.has_error():
-            msg = f"the node replied with an error: {reply.error.reason}"
-            raise ValueError(msg)
+        _raise_reply_error(reply)
         content = reply.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             msg = (
@@ -361,6 +382,22 @@ class HBNStrategy:
         except RoundFailedError:
             self._pending = None
             raise
+
+
+def _raise_reply_error(reply: Message) -> None:
+    """Raise if ``reply`` is an error.
+
+    :class:`NodeSetupError` for a node without its framework, :class:`ValueError` (a fault of
+    this node and step) otherwise.
+    """
+    if not reply.has_error():
+        return
+    reason = reply.error.reason
+    if FRAMEWORK_MISSING in reason:
+        msg = f"node {reply.metadata.src_node_id} cannot run: {reason}"
+        raise NodeSetupError(msg)
+    msg = f"the node replied with an error: {reason}"
+    raise ValueError(msg)
 
 
 def _first_replies(replies: Iterable[Message], nodes: tuple[int, ...]) -> list[Message]:

@@ -1,0 +1,356 @@
+"""federation.flower in a deployment (issue 20): what only a real deployment used to show.
+
+A node's framework whatever the run configuration's key order, every step bounded by
+``flower.timeout``, ``results.json`` that cannot go stale, and personal state that survives a
+restarted SuperNode. The strategy and the apps run in this process over stub grids
+(:class:`tests.test_flower.LocalGrid`), so each defect is tried directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+flwr = pytest.importorskip("flwr")
+pytest.importorskip("torch")
+
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.supercore.run import RunNotRunningException  # noqa: E402
+
+from federation.flower import HBNFedAvg, config_from_run_config, make_client_app  # noqa: E402
+from federation.flower.app import make_server_app  # noqa: E402
+from federation.flower.client_app import (  # noqa: E402
+    PERSONAL_KEY,
+    STATE_DIR_KEY,
+    load_personal_state,
+    personal_state_path,
+)
+from federation.flower.strategy import NodeSetupError  # noqa: E402
+from federation.flower.wire import STATISTICS_MESSAGE_TYPE, state_from_record  # noqa: E402
+from federation.layout import Role, select  # noqa: E402
+from federation.simulation import Simulation  # noqa: E402
+from tests.test_flower import (  # noqa: E402
+    DIGITS,
+    ROOT,
+    LocalGrid,
+    _layout,
+    small_config,
+    start,
+    task_identity,  # noqa: F401 - a fixture
+)
+
+pytestmark = [pytest.mark.flower, pytest.mark.usefixtures("task_identity")]
+
+# -- defect 1: a node's framework is a function of its partition ---------------------------------
+
+ROUND_TRIP = """
+import json, sys
+from flwr.common.config import flatten_dict, get_project_config
+from flwr.common.serde import user_config_from_proto, user_config_to_proto
+from federation.flower import config_from_run_config
+
+project = get_project_config(sys.argv[1])
+flat = flatten_dict(project["tool"]["flwr"]["app"]["config"])
+received = user_config_from_proto(user_config_to_proto(flat))
+config, _ = config_from_run_config(received)
+print(json.dumps([list(received), config.client_frameworks, config.eval_framework]))
+"""
+
+
+def test_a_nodes_framework_survives_flowers_run_config_round_trip_in_every_process():
+    """Flower's protobuf round trip reorders the run configuration per ``PYTHONHASHSEED``."""
+    seen = []
+    for seed in ("0", "1", "2", "3", "4", "5"):
+        completed = subprocess.run(
+            [sys.executable, "-c", ROUND_TRIP, str(ROOT / "examples" / "flower-app")],
+            env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        keys, frameworks, evaluation = json.loads(completed.stdout)
+        seen.append(keys)
+        assert frameworks == ["torch"] * 3 + ["jax"] * 3, f"PYTHONHASHSEED={seed}"
+        assert evaluation == "torch", f"PYTHONHASHSEED={seed}"
+    # The key order itself is not what decides: it does differ between processes or here.
+    flat = {"data.num_clients": 6, "clients.frameworks.jax": 3, "clients.frameworks.torch": 3}
+    for order in (list(flat), list(reversed(flat))):
+        config, _ = config_from_run_config({key: flat[key] for key in order})
+        assert config.client_frameworks == ["torch"] * 3 + ["jax"] * 3
+        assert config.eval_framework == "torch"
+    assert all(len(keys) == len(seen[0]) for keys in seen)
+
+
+def test_the_embedded_simulation_assigns_the_same_frameworks_whatever_the_key_order():
+    assigned = [
+        [
+            client.framework
+            for client in Simulation(
+                small_config(clients={"frameworks": frameworks}), dataset=DIGITS
+            ).clients
+        ]
+        for frameworks in ({"jax": 2, "torch": 2}, {"torch": 2, "jax": 2})
+    ]
+    assert assigned == [["torch", "torch", "jax", "jax"]] * 2
+
+
+def test_a_node_without_its_framework_stops_the_run_at_its_first_message():
+    config = small_config(rounds=2)
+    calls = []
+
+    def models(framework):
+        calls.append(framework)
+        msg = f"No module named {framework!r}"
+        raise ImportError(msg)
+
+    grid = CountingGrid(make_client_app(config, dataset=DIGITS, models=models), 4)
+    strategy = HBNFedAvg(config=config, layout=_layout(config))
+    with pytest.raises(NodeSetupError, match=r"partition \d lacks its framework 'torch'"):
+        start(strategy, config, grid)
+    assert grid.sent == 4  # the first statistics query, one message per node, and no more
+    assert strategy.history == []
+
+
+class CountingGrid(LocalGrid):
+    """A LocalGrid that counts the messages it delivers and records each step's timeout."""
+
+    def __init__(self, app, num_nodes: int) -> None:
+        super().__init__(app, num_nodes)
+        self.sent = 0
+        self.timeouts: list[tuple[str, float | None]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.sent += len(messages)
+        if messages:
+            self.timeouts.append((messages[0].metadata.message_type, timeout))
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+# -- defect 2: every step honours flower.timeout -------------------------------------------------
+
+
+class StuckGrid(CountingGrid):
+    """Node 1 never answers the statistics query: the grid waits out ``timeout`` for it."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == STATISTICS_MESSAGE_TYPE:
+            stuck = [m for m in messages if m.metadata.dst_node_id == 1]
+            answered = [m for m in messages if m.metadata.dst_node_id != 1]
+            replies = super().send_and_receive(answered, timeout=timeout)
+            self.timeouts[-1] = (STATISTICS_MESSAGE_TYPE, timeout)
+            if stuck:
+                assert timeout is not None, "the statistics query waits forever"
+                assert timeout <= 600, f"the statistics query waits {timeout} s"
+                time.sleep(timeout)  # the stuck node's reply never comes
+            return replies
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_every_step_of_a_round_waits_at_most_the_configured_timeout():
+    config = small_config(rounds=2, clients={"min_clients": 3})
+    grid = StuckGrid(make_client_app(config, dataset=DIGITS), 4)
+    strategy = HBNFedAvg(config=config, layout=_layout(config))
+    initial = Simulation(config, dataset=DIGITS)
+    names = select(initial.layout, Role.SHARED, Role.STATISTICS)
+    arrays = flwr.app.ArrayRecord({k: flwr.app.Array(initial.global_state[k]) for k in names})
+    strategy.start(grid, arrays, num_rounds=2, timeout=0.25)
+    steps = {message_type for message_type, _ in grid.timeouts}
+    assert steps == {STATISTICS_MESSAGE_TYPE, "train", "evaluate"}
+    assert {timeout for _, timeout in grid.timeouts} == {0.25}
+    for flower_round in strategy.history:
+        (fault,) = flower_round.faults
+        assert (fault.node_id, fault.step) == (1, "statistics")
+        assert "no reply before the timeout" in fault.reason
+
+
+def test_the_server_app_passes_flower_timeout_to_the_statistics_query(tmp_path):
+    config = small_config(rounds=1)
+    grid = CountingGrid(make_client_app(config, dataset=DIGITS), 4)
+    run_server_app(config, grid, run_id=3, out_dir=tmp_path, timeout=7.5)
+    assert {timeout for _, timeout in grid.timeouts} == {7.5}
+    assert STATISTICS_MESSAGE_TYPE in {message_type for message_type, _ in grid.timeouts}
+
+
+# -- defect 4: results.json per round, with the run id and a status ------------------------------
+
+
+def run_server_app(config, grid, *, run_id, out_dir, timeout=60.0):
+    from federation.flower.wire import ServerOptions
+
+    app = make_server_app(config, options=ServerOptions(timeout=timeout, out_dir=str(out_dir)))
+    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    app(grid, context)
+
+
+def read_results(out_dir):
+    return json.loads((out_dir / "results.json").read_text())
+
+
+class WatchingGrid(CountingGrid):
+    """Reads results.json before each step; ``interrupt(step number)`` may end the run."""
+
+    def __init__(self, app, num_nodes, out_dir, interrupt=None) -> None:
+        super().__init__(app, num_nodes)
+        self.out_dir = out_dir
+        self.interrupt = interrupt
+        self.seen: list[dict] = []
+        self.steps = 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages:
+            self.steps += 1
+            self.seen.append(read_results(self.out_dir))
+            if self.interrupt is not None:
+                self.interrupt(self.steps)
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def stop_at(step):
+    def interrupt(current):
+        if current == step:
+            raise RunNotRunningException
+
+    return interrupt
+
+
+def fail_at(step):
+    def interrupt(current):
+        if current == step:
+            msg = "the link went down"
+            raise ConnectionError(msg)
+
+    return interrupt
+
+
+def test_results_are_written_every_round_and_a_stopped_or_failed_run_never_says_completed(
+    tmp_path,
+):
+    config = small_config(rounds=2)
+    app = make_client_app(config, dataset=DIGITS)
+
+    completed = WatchingGrid(app, 4, tmp_path)
+    run_server_app(config, completed, run_id=11, out_dir=tmp_path)
+    document = read_results(tmp_path)
+    assert (document["run_id"], document["status"]) == (11, "completed")
+    assert [r["round"] for r in document["rounds"]] == [1, 2]
+    # Before each step the file already named this run, running, with the rounds done so far.
+    assert {(seen["run_id"], seen["status"]) for seen in completed.seen} == {(11, "running")}
+    # Steps: query, train, evaluate per round; a round is written once it is evaluated.
+    assert [len(seen["rounds"]) for seen in completed.seen] == [0, 0, 0, 1, 1, 1]
+    with np.load(tmp_path / "global_state.npz", allow_pickle=False) as state:
+        assert set(state.files) == set(select(_layout(config), Role.SHARED, Role.STATISTICS))
+
+    stopped = WatchingGrid(app, 4, tmp_path, interrupt=stop_at(4))  # round 2's query
+    with pytest.raises(RunNotRunningException):
+        run_server_app(config, stopped, run_id=12, out_dir=tmp_path)
+    assert stopped.seen[0]["run_id"] == 12, "the new run showed the previous run's results"
+    assert stopped.seen[0]["status"] == "running"
+    document = read_results(tmp_path)
+    assert (document["run_id"], document["status"]) == (12, "stopped")
+    assert [r["round"] for r in document["rounds"]] == [1]
+
+    failed = WatchingGrid(app, 4, tmp_path, interrupt=fail_at(2))  # round 1's training
+    with pytest.raises(ConnectionError):
+        run_server_app(config, failed, run_id=13, out_dir=tmp_path)
+    document = read_results(tmp_path)
+    assert (document["run_id"], document["status"]) == (13, "failed")
+    assert "the link went down" in document["error"]
+    assert document["rounds"] == []
+    assert not list(tmp_path.glob("*.tmp")), "a temporary file was left"
+
+
+# -- defect 5: a restarted SuperNode continues its alpha -----------------------------------------
+
+
+def node_context(node_id, partition, state_dir, *, run_id=1):
+    return Context(
+        run_id=run_id,
+        node_id=node_id,
+        node_config={
+            "partition-id": partition,
+            "num-partitions": 4,
+            STATE_DIR_KEY: str(state_dir),
+        },
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def test_a_restarted_node_continues_the_alpha_it_kept_on_its_disk(tmp_path):
+    config = small_config(rounds=1)
+    grid = LocalGrid(make_client_app(config, dataset=DIGITS), 4)
+    for node in grid.contexts:
+        grid.contexts[node] = node_context(node, node - 1, tmp_path)
+    strategy = HBNFedAvg(config=config, layout=_layout(config))
+    result = start(strategy, config, grid)
+
+    layout = _layout(config)
+    initial = Simulation(config, dataset=DIGITS).initial_personal
+    for node, context in grid.contexts.items():
+        path = personal_state_path(context, node - 1, 4)
+        assert path == tmp_path / "run-1" / f"partition-{node - 1}-of-4.npz"
+        kept = load_personal_state(path, layout)
+        in_memory = state_from_record(context.state.array_records[PERSONAL_KEY])
+        assert kept.keys() == in_memory.keys() == set(select(layout, Role.PERSONAL))
+        for name, value in kept.items():
+            np.testing.assert_array_equal(value, in_memory[name])
+        assert any(not np.array_equal(kept[n], initial[n]) for n in kept), "alpha never moved"
+
+    # Node 2 restarts: a new node id, an empty context.state, the same partition and folder.
+    restarted = node_context(99, 1, tmp_path)
+    forgetful = Context(
+        run_id=1,
+        node_id=98,
+        node_config={"partition-id": 1, "num-partitions": 4},
+        state=RecordDict(),
+        run_config={},
+    )
+    app = make_client_app(config, dataset=DIGITS)
+    settings = flwr.app.ConfigRecord({"server-round": 2, "lr": 0.05})
+    train = Message(
+        content=RecordDict({"arrays": result.arrays, "config": settings}),
+        message_type="train",
+        dst_node_id=2,
+    )
+    # Training runs the forward pass through alpha: its update tells which alpha a node used.
+    after_restart = app(train, restarted).content["arrays"]  # reads the file first
+    original = app(train, grid.contexts[2]).content["arrays"]  # its context.state
+    from_scratch = app(train, forgetful).content["arrays"]
+    for name in original:
+        np.testing.assert_array_equal(after_restart[name].numpy(), original[name].numpy())
+    assert any(
+        not np.array_equal(from_scratch[name].numpy(), original[name].numpy()) for name in original
+    ), "the initial alpha gives the same update: the test cannot tell"
+
+
+def test_a_corrupt_or_pickled_personal_state_is_refused_never_loaded(tmp_path):
+    config = small_config(rounds=1)
+    layout = _layout(config)
+    path = tmp_path / "run-1" / "partition-1-of-4.npz"
+    path.parent.mkdir()
+    np.savez(path, **{"norm1.alpha": np.array([object()], dtype=object)})
+    with pytest.raises(ValueError, match=r"personal state .*partition-1-of-4\.npz"):
+        load_personal_state(path, layout)
+    path.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="cannot be used"):
+        load_personal_state(path, layout)
+    app = make_client_app(config, dataset=DIGITS)
+    grid = LocalGrid(app, 4)
+    grid.contexts[2] = node_context(2, 1, tmp_path)
+    strategy = HBNFedAvg(config=config, layout=layout)
+    start(strategy, config, grid)
+    # The node with the corrupt file was left out with the reason, not reset silently.
+    (flower_round,) = strategy.history
+    (fault,) = [f for f in flower_round.faults if f.step == "statistics"]
+    assert fault.node_id == 2
+    assert "cannot be used" in fault.reason
