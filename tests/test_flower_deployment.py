@@ -8,8 +8,12 @@ restarted SuperNode. The strategy and the apps run in this process over stub gri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pathlib
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +44,7 @@ from tests.test_flower import (  # noqa: E402
     ROOT,
     LocalGrid,
     _layout,
+    flower_environment,  # noqa: F401 - a fixture
     small_config,
     start,
     task_identity,  # noqa: F401 - a fixture
@@ -354,3 +359,171 @@ def test_a_corrupt_or_pickled_personal_state_is_refused_never_loaded(tmp_path):
     (fault,) = [f for f in flower_round.faults if f.step == "statistics"]
     assert fault.node_id == 2
     assert "cannot be used" in fault.reason
+
+
+# -- a real deployment on 127.0.0.1: a SuperLink, two SuperNodes, `flwr run` ---------------------
+
+BIN = pathlib.Path(sys.executable).parent
+DEPLOYMENT_RUN = {
+    "rounds": 2,
+    "data.num_clients": 2,
+    "model.architecture": "mlp",
+    "clients.frameworks.torch": 2,
+    "clients.frameworks.jax": 0,
+    "clients.min_clients": 1,
+    "eval.every": 1000,  # only the last round is evaluated
+    "flower.timeout": 150.0,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop ``process`` and its children (its own session's process group), bounded."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # children left by a leader that exited
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    """A SuperLink and two torch SuperNodes on 127.0.0.1, each stopped by its PID at the end."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    link_port, node_ports = free_port(), (free_port(), free_port())
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n'
+    )
+    environment = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    processes: list[subprocess.Popen] = []
+
+    def spawn(name, *arguments):
+        log = (tmp_path / f"{name}.log").open("w")
+        process = subprocess.Popen(
+            [str(BIN / arguments[0]), *arguments[1:]],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: it and its children stop together
+        )
+        processes.append(process)
+        return process
+
+    try:
+        spawn(
+            "superlink",
+            "flower-superlink",
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(link_port),
+            "--database",
+            str(tmp_path / "link.db"),
+        )
+        nodes = [
+            spawn(
+                f"supernode-{k}",
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{link_port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--node-config",
+                f"partition-id={k} num-partitions=2 {STATE_DIR_KEY}='{tmp_path / f'state-{k}'}'",
+            )
+            for k, port in enumerate(node_ports)
+        ]
+        yield {"environment": environment, "nodes": nodes, "spawn": spawn, "logs": tmp_path}
+    finally:
+        for process in reversed(processes):
+            stop_group(process)
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {seconds} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def rounds_written(path) -> int:
+    try:
+        return len(json.loads(path.read_text())["rounds"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.usefixtures("flower_environment")
+def test_a_deployment_runs_two_rounds_and_records_a_supernode_killed_mid_run(deployment, tmp_path):
+    out = tmp_path / "out"
+    run = {**DEPLOYMENT_RUN, "flower.out_dir": str(out)}
+    run_config = " ".join(
+        f"{key}='{value}'" if isinstance(value, str) else f"{key}={value}"
+        for key, value in run.items()
+    )
+    flwr_run = deployment["spawn"](
+        "flwr-run",
+        "flwr",
+        "run",
+        str(ROOT / "examples" / "flower-app"),
+        "test",
+        "--stream",
+        "--run-config",
+        run_config,
+    )
+    results = out / "results.json"
+    wait_until(lambda: rounds_written(results) >= 1, 240, "round 1 in results.json")
+    stop_group(deployment["nodes"][1])  # node 1 dies while round 2 goes out
+    flwr_run.wait(300)
+    log = (tmp_path / "flwr-run.log").read_text()
+    document = json.loads(results.read_text())
+    assert document["status"] == "completed", f"{document['error']}\n{log[-3000:]}"
+    assert [r["round"] for r in document["rounds"]] == [1, 2]
+    first, second = document["rounds"]
+    assert first["faults"] == []
+    assert len(second["faults"]) >= 1, second
+    assert {fault["round"] for fault in second["faults"]} == {2}
+    assert len(second["trained_nodes"]) == 1
+
+    # Round 1's global statistics are the embedded simulation's.
+    config, _ = config_from_run_config(
+        {**flat_app_config(), **{k: v for k, v in run.items() if not k.startswith("flower.")}}
+    )
+    embedded = Simulation(config, dataset=DIGITS)
+    embedded.run_round()
+    for name, (mean, var) in embedded.global_statistics().items():
+        np.testing.assert_allclose(first["statistics"][name]["mean"], mean, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(first["statistics"][name]["var"], var, rtol=1e-5, atol=1e-7)
+
+
+def flat_app_config() -> dict:
+    from flwr.common.config import flatten_dict, get_project_config
+
+    project = get_project_config(ROOT / "examples" / "flower-app")
+    return flatten_dict(project["tool"]["flwr"]["app"]["config"])
