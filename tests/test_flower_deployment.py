@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -527,3 +528,45 @@ def flat_app_config() -> dict:
 
     project = get_project_config(ROOT / "examples" / "flower-app")
     return flatten_dict(project["tool"]["flwr"]["app"]["config"])
+
+
+# -- defect 3: the documented install line and the flower extra ----------------------------------
+
+
+def declared_extras() -> dict[str, list[str]]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return project["optional-dependencies"]
+
+
+def requirements_of(extras: list[str]) -> set[str]:
+    """The requirement names ``hbn[extras]`` brings, following ``hbn[...]`` self-references."""
+    declared, names, pending = declared_extras(), set(), list(extras)
+    seen: set[str] = set()
+    while pending:
+        extra = pending.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        assert extra in declared, f"the extra {extra!r} is not declared"
+        for requirement in declared[extra]:
+            match = re.match(r"hbn\[([^\]]+)\]", requirement)
+            if match:
+                pending += [e.strip() for e in match.group(1).split(",")]
+            else:
+                names.add(re.split(r"[\[<>=;! ]", requirement, maxsplit=1)[0].lower())
+    return names
+
+
+def test_the_documented_install_lines_name_declared_extras_that_bring_what_flower_needs():
+    docs = (ROOT / "docs" / "flower.md").read_text()
+    lines = re.findall(r'pip install ((?:"torch==[^"]+" )?(?:-e )?"[^"]+")', docs)
+    assert any('-e ".[' in line and "torch==2.13.0" in line for line in lines), lines
+    for line in lines:
+        extras = re.search(r"\[([^\]]+)\]", line).group(1).split(",")
+        names = requirements_of(extras)
+        assert {"flwr", "scikit-learn"} <= names, (line, names)
+    app = (ROOT / "examples" / "flower-app" / "pyproject.toml").read_text()
+    (dependency,) = re.findall(r'dependencies = \["hbn\[([^\]]+)\]"\]', app)
+    assert {"flwr", "scikit-learn", "torch"} <= requirements_of(dependency.split(","))
