@@ -189,10 +189,14 @@ def test_the_server_app_passes_flower_timeout_to_the_statistics_query(tmp_path):
 # -- defect 4: results.json per round, with the run id and a status ------------------------------
 
 
-def run_server_app(config, grid, *, run_id, out_dir, timeout=60.0):
+def run_server_app(config, grid, *, run_id, out_dir, timeout=60.0, strategy=None):
     from federation.flower.wire import ServerOptions
 
-    app = make_server_app(config, options=ServerOptions(timeout=timeout, out_dir=str(out_dir)))
+    app = make_server_app(
+        config,
+        options=ServerOptions(timeout=timeout, out_dir=str(out_dir)),
+        strategy=None if strategy is None else (lambda _config, _layout: strategy),
+    )
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
     app(grid, context)
 
@@ -383,8 +387,30 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def descendants(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s children, grandchildren, ... (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
 def stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop ``process`` and its children (its own session's process group), bounded."""
+    """Stop ``process``, its process group and every descendant, by PID, with bounded waits.
+
+    Flower's SuperExec starts sessions of its own, outside the process group.
+    """
+    others = descendants(process.pid)
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -396,6 +422,9 @@ def stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
             process.wait(grace)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)  # children left by a leader that exited
+    for pid in others:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -414,13 +443,15 @@ def deployment(tmp_path):
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PYTHONUNBUFFERED": "1",  # logs read while the processes run
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
     processes: list[subprocess.Popen] = []
+    logs = contextlib.ExitStack()
 
     def spawn(name, *arguments):
-        log = (tmp_path / f"{name}.log").open("w")
+        log = logs.enter_context((tmp_path / f"{name}.log").open("w"))
         process = subprocess.Popen(
             [str(BIN / arguments[0]), *arguments[1:]],
             env=environment,
@@ -443,6 +474,7 @@ def deployment(tmp_path):
             "--database",
             str(tmp_path / "link.db"),
         )
+        wait_until(lambda: accepts(link_port), 60, "the SuperLink's port")
         nodes = [
             spawn(
                 f"supernode-{k}",
@@ -459,10 +491,22 @@ def deployment(tmp_path):
             )
             for k, port in enumerate(node_ports)
         ]
+        link_log = tmp_path / "superlink.log"
+        wait_until(
+            lambda: link_log.read_text().count("Activated node_id") >= 2,
+            120,
+            "both SuperNodes to connect",
+        )
         yield {"environment": environment, "nodes": nodes, "spawn": spawn, "logs": tmp_path}
     finally:
         for process in reversed(processes):
             stop_group(process)
+        logs.close()
+
+
+def accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def wait_until(condition, seconds: float, what: str) -> None:
@@ -570,3 +614,52 @@ def test_the_documented_install_lines_name_declared_extras_that_bring_what_flowe
     app = (ROOT / "examples" / "flower-app" / "pyproject.toml").read_text()
     (dependency,) = re.findall(r'dependencies = \["hbn\[([^\]]+)\]"\]', app)
     assert {"flwr", "scikit-learn", "torch"} <= requirements_of(dependency.split(","))
+
+
+# -- defect 7: logs that count what HBN left out, and a flagged partial accuracy ---------------
+
+
+def fail_step_of(partition: int, message_type: str):
+    def mod(message, context, call_next):
+        if (
+            message.metadata.message_type == message_type
+            and context.node_config["partition-id"] == partition
+        ):
+            msg = f"node {partition} fails its {message_type}"
+            raise RuntimeError(msg)
+        return call_next(message, context)
+
+    return mod
+
+
+def test_hbn_logs_its_own_count_and_flags_an_accuracy_with_nodes_missing(caplog, tmp_path):
+    import logging
+
+    from flwr.common.logger import console_handler
+
+    config = small_config(rounds=2)
+    mods = [fail_step_of(2, "train"), fail_step_of(3, "evaluate")]
+    grid = LocalGrid(make_client_app(config, dataset=DIGITS, mods=mods), 4)
+    strategy = HBNFedAvg(config=config, layout=_layout(config))
+    with caplog.at_level(logging.INFO, logger="federation"):
+        run_server_app(config, grid, run_id=5, out_dir=tmp_path, strategy=strategy)
+    assert console_handler in logging.getLogger("federation").handlers
+    logged = caplog.text
+    assert "round 1: training: 3 of 4 sampled nodes counted, 1 left out; node 3:" in logged
+    assert "fails its train" in logged
+    assert "round 2: the accuracy is measured on 3 of 4 clients' test shares" in logged
+    last = strategy.history[-1]
+    assert last.evaluation_incomplete
+    assert len(last.evaluated_nodes) == 3
+    document = read_results(tmp_path)
+    assert document["rounds"][-1]["evaluation_incomplete"] is True
+
+
+def test_an_accuracy_of_every_node_is_not_flagged():
+    config = small_config(rounds=1)
+    grid = LocalGrid(make_client_app(config, dataset=DIGITS), 4)
+    strategy = HBNFedAvg(config=config, layout=_layout(config))
+    start(strategy, config, grid)
+    (flower_round,) = strategy.history
+    assert not flower_round.evaluation_incomplete
+    assert flower_round.evaluated_nodes == (1, 2, 3, 4)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import pathlib
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +82,7 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        _log_like_flower()
         if config is None:
             hbn, server = config_from_run_config(context.run_config)
         else:
@@ -115,6 +117,21 @@ def make_server_app(
         write("completed", arrays=result.arrays)
 
     return app
+
+
+def _log_like_flower() -> None:
+    """Give HBN's log lines (logger ``federation``) Flower's console format and level INFO.
+
+    Without a handler of its own the logger's lines reach Python's last-resort handler, bare
+    and warnings only, amid Flower's formatted ones.
+    """
+    from flwr.common.logger import console_handler
+
+    hbn = logging.getLogger("federation")
+    if console_handler not in hbn.handlers:
+        hbn.addHandler(console_handler)
+    if hbn.level == logging.NOTSET:
+        hbn.setLevel(logging.INFO)
 
 
 def _default_strategy(config: Config, layout: Layout) -> HBNStrategy:

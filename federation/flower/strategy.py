@@ -87,7 +87,9 @@ class FlowerRound:
     ``statistics`` is the global statistics the round left (float64 ``(mean, var)`` per HBN
     layer); ``accuracy`` and ``loss`` are the nodes' evaluation, weighted by test examples.
     ``seconds`` holds the wall time of each step, from its messages going out to its
-    aggregate: ``statistics``, ``training`` and ``evaluation``.
+    aggregate: ``statistics``, ``training`` and ``evaluation``. ``evaluated_nodes`` are the
+    nodes whose evaluation counted; ``evaluation_incomplete`` flags an accuracy measured on
+    fewer than ``data.num_clients`` nodes, so not on the whole test set.
     """
 
     round: int
@@ -101,6 +103,8 @@ class FlowerRound:
     loss: float | None = None
     seconds: Mapping[str, float] = dataclasses.field(default_factory=dict)
     faults: tuple[NodeFault, ...] = ()
+    evaluated_nodes: tuple[int, ...] = ()
+    evaluation_incomplete: bool = False
 
 
 class HBNStrategy:
@@ -279,6 +283,7 @@ class HBNStrategy:
                 valid[node] = reply
         self._require_enough(server_round, "training", record.sampled, valid, faults)
         shared, metrics = super().aggregate_train(server_round, list(valid.values()))
+        _log_count(server_round, "training", len(valid), record.sampled, faults)
         if shared is None:
             msg = f"round {server_round}: the base strategy aggregated nothing."
             raise RoundFailedError(msg)
@@ -335,7 +340,18 @@ class HBNStrategy:
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """The base strategy's weighted evaluation metrics, also kept in :attr:`history`."""
+        replies = list(replies)
         metrics: MetricRecord | None = super().aggregate_evaluate(server_round, replies)
+        evaluated = tuple(sorted({r.metadata.src_node_id for r in replies if not r.has_error()}))
+        incomplete = len(evaluated) < self.hbn_config.data.num_clients
+        if incomplete:
+            logger.warning(
+                "round %d: the accuracy is measured on %d of %d clients' test shares, not on "
+                "the whole test set",
+                server_round,
+                len(evaluated),
+                self.hbn_config.data.num_clients,
+            )
         if metrics is not None and self.history and self.history[-1].round == server_round:
             last = self.history[-1]
             self.history[-1] = dataclasses.replace(
@@ -343,6 +359,8 @@ class HBNStrategy:
                 accuracy=_metric(metrics, "accuracy"),
                 loss=_metric(metrics, "loss"),
                 seconds={**last.seconds, "evaluation": time.perf_counter() - self._clock},
+                evaluated_nodes=evaluated,
+                evaluation_incomplete=incomplete,
             )
         return metrics
 
@@ -382,6 +400,27 @@ class HBNStrategy:
         except RoundFailedError:
             self._pending = None
             raise
+
+
+def _log_count(
+    server_round: int, step: str, valid: int, sampled: tuple[int, ...], faults: list[NodeFault]
+) -> None:
+    """HBN's own count of a step's replies, after the base strategy's log line.
+
+    The base strategy counts only the replies HBN passed on ("Received 3 results and 0
+    failures"); this line counts the nodes HBN left out too.
+    """
+    left_out = [fault for fault in faults if fault.step == step]
+    logger.log(
+        logging.WARNING if left_out else logging.INFO,
+        "round %d: %s: %d of %d sampled nodes counted, %d left out%s",
+        server_round,
+        step,
+        valid,
+        len(sampled),
+        len(left_out),
+        "".join(f"; node {fault.node_id}: {fault.reason}" for fault in left_out),
+    )
 
 
 def _raise_reply_error(reply: Message) -> None:
