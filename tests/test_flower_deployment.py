@@ -376,7 +376,6 @@ DEPLOYMENT_RUN = {
     "clients.frameworks.torch": 2,
     "clients.frameworks.jax": 0,
     "clients.min_clients": 1,
-    "eval.every": 1000,  # only the last round is evaluated
     "flower.timeout": 150.0,
 }
 
@@ -543,7 +542,12 @@ def test_a_deployment_runs_two_rounds_and_records_a_supernode_killed_mid_run(dep
         run_config,
     )
     results = out / "results.json"
-    wait_until(lambda: rounds_written(results) >= 1, 240, "round 1 in results.json")
+    wait_until(
+        lambda: rounds_written(results) >= 1 or flwr_run.poll() is not None,
+        240,
+        "round 1 in results.json",
+    )
+    assert flwr_run.poll() is None, (tmp_path / "flwr-run.log").read_text()[-3000:]
     stop_group(deployment["nodes"][1])  # node 1 dies while round 2 goes out
     flwr_run.wait(300)
     log = (tmp_path / "flwr-run.log").read_text()
@@ -663,3 +667,68 @@ def test_an_accuracy_of_every_node_is_not_flagged():
     (flower_round,) = strategy.history
     assert not flower_round.evaluation_incomplete
     assert flower_round.evaluated_nodes == (1, 2, 3, 4)
+
+
+# -- defect 6: HBN in a Flower user's own app -----------------------------------------------------
+
+
+def test_hbn_reads_only_its_own_prefix_and_leaves_the_apps_keys_alone():
+    from federation.config import ConfigError
+
+    run_config = {
+        "num-server-rounds": 3,
+        "my-app.lr": 0.1,
+        "hbn.rounds": 2,
+        "hbn.data.num_clients": 4,
+        "hbn.clients.frameworks.jax": 1,
+        "hbn.clients.frameworks.torch": 3,
+        "hbn.flower.timeout": 5.0,
+    }
+    config, server = config_from_run_config(run_config)
+    assert (config.rounds, config.data.num_clients, server.timeout) == (2, 4, 5.0)
+    assert config.client_frameworks == ["torch", "torch", "torch", "jax"]
+    with pytest.raises(ConfigError, match="num-server-rounds"):
+        config_from_run_config({"num-server-rounds": 3, "rounds": 2})
+    with pytest.raises(ConfigError, match="lr"):
+        config_from_run_config({**run_config, "hbn.train.lr": -1.0})
+
+
+def test_a_converted_torch_models_state_dict_starts_the_strategy_with_roles_deciding():
+    import torch
+
+    from backends.torch import HybridBatchNorm, convert_batchnorm
+    from federation.models.torch_model import torch_layout
+
+    model = convert_batchnorm(
+        torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3),
+            torch.nn.BatchNorm2d(4),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4 * 6 * 6, 10),
+        )
+    )
+    assert isinstance(model[1], HybridBatchNorm)
+    layout = torch_layout(model)
+    assert select(layout, Role.STATISTICS) == ["1.global_mean", "1.global_var"]
+    assert set(select(layout, Role.PERSONAL)) == {"1.alpha", "1.running_mean", "1.running_var"}
+    assert set(select(layout, Role.SHARED)) == {
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "3.weight",
+        "3.bias",
+    }
+    assert "1.num_batches_tracked" not in layout
+    assert {name: spec.shape for name, spec in layout.items()} == {
+        name: tuple(t.shape) for name, t in model.state_dict().items() if name in layout
+    }
+
+    config = small_config(rounds=1)
+    strategy = HBNFedAvg(config=config, layout=layout)
+    record = flwr.app.ArrayRecord(model.state_dict())  # the habitual start
+    travelling = strategy._travelling(state_from_record(record))
+    assert set(travelling) == set(select(layout, Role.SHARED, Role.STATISTICS))
+    state = {**state_from_record(record), "stray.weight": np.ones(3, np.float32)}
+    with pytest.raises(ValueError, match=r"does not know: \['stray.weight'\]"):
+        strategy._travelling(state)

@@ -31,6 +31,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
@@ -195,8 +196,8 @@ class HBNStrategy:
         """
         start = time.perf_counter()
         self._pending = None
-        state = state_from_record(arrays)
-        check_state(state, self.layout, names=self.shared_names + self.statistics_names)
+        state = self._travelling(state_from_record(arrays))
+        arrays = state_record(state)
         lr = protocol.learning_rate(self.hbn_config.train, server_round - 1)
         train_config = ConfigRecord({**dict(config), "lr": lr})
         shared = state_record({name: state[name] for name in self.shared_names})
@@ -225,6 +226,27 @@ class HBNStrategy:
         for message in messages:
             message.content = _with_arrays(message.content, arrays)
         return messages
+
+    def _travelling(self, state: State) -> State:
+        """The ``shared`` and ``statistics`` tensors of ``state``, checked.
+
+        A whole model state is accepted (``ArrayRecord(model.state_dict())``): the layout's
+        roles decide what travels, so ``personal`` tensors (alpha, local running statistics)
+        and integer counters outside the layout (``num_batches_tracked``) are left out. Any
+        other tensor the layout does not know is refused, as a missing one is.
+        """
+        names = self.shared_names + self.statistics_names
+        unknown = [
+            name
+            for name in state
+            if name not in self.layout and not np.issubdtype(state[name].dtype, np.integer)
+        ]
+        if unknown:
+            msg = f"the global state holds tensors the layout does not know: {sorted(unknown)}."
+            raise ValueError(msg)
+        travelling = {name: state[name] for name in names if name in state}
+        check_state(travelling, self.layout, names=names)
+        return travelling
 
     def _query_statistics(
         self,

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FRAMEWORK_MISSING",
+    "HBN_PREFIX",
     "REPORT_KEY",
     "STATISTICS_ACTION",
     "STATISTICS_KEY",
@@ -55,6 +56,7 @@ STATISTICS_MESSAGE_TYPE = f"query.{STATISTICS_ACTION}"
 STATISTICS_KEY = "hbn-statistics"
 REPORT_KEY = "hbn-report"
 FIELDS = ("count", "mean", "m2")
+HBN_PREFIX = "hbn."
 FRAMEWORK_MISSING = "lacks its framework"
 """In a node's error reply: the node cannot build its partition's model, a setup error that
 ends the run (:class:`~federation.flower.strategy.HBNStrategy`) rather than a fault."""
@@ -157,11 +159,21 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Serve
     is the TOML table ``hbn-fed`` reads plus a ``[flower]`` section; see
     :func:`federation.config.parse_config`.
 
+    With any key under ``hbn.`` (a ``[tool.flwr.app.config.hbn]`` section), HBN reads only
+    those keys, prefix removed (``hbn.train.lr``, ``hbn.flower.timeout``), and leaves every
+    other key (``num-server-rounds``, an app's own) to the app.
+
     Raises
     ------
     federation.config.ConfigError
         If a key is unknown or a value is not allowed; the message names the key.
     """
+    if any(key.startswith(HBN_PREFIX) for key in run_config):
+        run_config = {
+            key.removeprefix(HBN_PREFIX): value
+            for key, value in run_config.items()
+            if key.startswith(HBN_PREFIX)
+        }
     table: dict[str, Any] = {}
     for key, value in run_config.items():
         *sections, leaf = key.split(".")
