@@ -128,8 +128,10 @@ class HBNStrategy:
         Seconds to wait for the statistics reports; default: the ``timeout`` given to
         :meth:`start`, which bounds every other step too.
     **kwargs
-        The base strategy's arguments. ``fraction_train``, ``min_train_nodes`` and
-        ``min_available_nodes`` default to ``clients.fraction`` and ``clients.min_clients``.
+        The base strategy's arguments. ``fraction_train``, ``min_train_nodes``,
+        ``min_evaluate_nodes`` and ``min_available_nodes`` default to ``clients.fraction``
+        and ``clients.min_clients`` (Flower waits for that many connected nodes, with no
+        timeout, so a node that died must not stall evaluation).
 
     Attributes
     ----------
@@ -161,6 +163,8 @@ class HBNStrategy:
         kwargs.setdefault("fraction_train", config.clients.fraction)
         kwargs.setdefault("min_train_nodes", config.clients.min_clients)
         kwargs.setdefault("min_available_nodes", config.clients.min_clients)
+        # FedAvg waits, without a timeout, for this many connected nodes before it evaluates.
+        kwargs.setdefault("min_evaluate_nodes", config.clients.min_clients)
         super().__init__(**kwargs)
         self.hbn_config = config
         self.layout = dict(layout)
