@@ -178,6 +178,14 @@ def test_every_step_of_a_round_waits_at_most_the_configured_timeout():
         assert "no reply before the timeout" in fault.reason
 
 
+def test_no_step_waits_for_more_connected_nodes_than_min_clients():
+    """Flower's FedAvg waits, with no timeout, for ``min_*_nodes`` connected nodes."""
+    config = small_config(clients={"min_clients": 3})
+    strategy = HBNFedAvg(config=config, layout=_layout(config))
+    assert strategy.min_train_nodes == strategy.min_evaluate_nodes == 3
+    assert strategy.min_available_nodes == 3
+
+
 def test_the_server_app_passes_flower_timeout_to_the_statistics_query(tmp_path):
     config = small_config(rounds=1)
     grid = CountingGrid(make_client_app(config, dataset=DIGITS), 4)
