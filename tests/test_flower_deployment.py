@@ -740,3 +740,38 @@ def test_a_converted_torch_models_state_dict_starts_the_strategy_with_roles_deci
     state = {**state_from_record(record), "stray.weight": np.ones(3, np.float32)}
     with pytest.raises(ValueError, match=r"does not know: \['stray.weight'\]"):
         strategy._travelling(state)
+
+
+class UnavailableGrid(LocalGrid):
+    """Gives messages ids as Flower's grid does; the SuperLink answers for node 2, now gone."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id
+        gone = [m for m in messages if m.metadata.dst_node_id == 2]
+        replies = super().send_and_receive(
+            [m for m in messages if m.metadata.dst_node_id != 2], timeout=timeout
+        )
+        for message in gone:
+            reply = Message(flwr.app.Error(code=5, reason="Node Unavailable"), reply_to=message)
+            reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's own node id
+            replies.append(reply)
+        return replies
+
+
+def test_an_error_the_superlink_sends_for_a_gone_node_is_that_nodes_fault(caplog):
+    import logging
+
+    config = small_config(rounds=1)
+    grid = UnavailableGrid(make_client_app(config, dataset=DIGITS), 4)
+    strategy = HBNFedAvg(config=config, layout=_layout(config))
+    with caplog.at_level(logging.WARNING, logger="federation"):
+        start(strategy, config, grid)
+    (flower_round,) = strategy.history
+    assert {(f.node_id, f.step) for f in flower_round.faults} == {
+        (2, "statistics"),
+        (2, "training"),
+    }
+    assert all("Node Unavailable" in f.reason for f in flower_round.faults)
+    assert "which was not sampled" not in caplog.text

@@ -178,6 +178,7 @@ class HBNStrategy:
         # The round between configure_train and aggregate_train, and the state it went out with.
         self._pending: FlowerRound | None = None
         self._sent: State = {}
+        self._train_messages: list[Message] = []
         self._clock = 0.0  # when the current step's messages went out
 
     # -- the round ---------------------------------------------------------------------------
@@ -227,6 +228,7 @@ class HBNStrategy:
             faults=tuple(faults),
         )
         self._sent = state
+        self._train_messages = messages  # the grid gives them their ids as it sends them
         for message in messages:
             message.content = _with_arrays(message.content, arrays)
         return messages
@@ -271,22 +273,21 @@ class HBNStrategy:
         timeout = self._timeout if self.query_timeout is None else self.query_timeout
         replies = grid.send_and_receive(queries, timeout=timeout)
         reports: dict[int, StatisticsReport] = {}
-        for reply in _first_replies(replies, nodes):
-            node = reply.metadata.src_node_id
+        for node, reply in _first_replies(replies, nodes, queries).items():
             try:
-                reports[node] = self._read_report(reply)
+                reports[node] = self._read_report(reply, node)
             except (ValueError, TypeError) as error:
                 faults.append(self._fault(server_round, node, "statistics", error))
         self._require_enough(server_round, "statistics", nodes, reports, faults)
         return dict(sorted(reports.items(), key=lambda item: self.client_ids.get(item[0], item[0])))
 
-    def _read_report(self, reply: Message) -> StatisticsReport:
+    def _read_report(self, reply: Message, node: int) -> StatisticsReport:
         _raise_reply_error(reply)
         report = read_report(reply.content, self.hbn_layers)
         protocol.check_report(report, self.hbn_layers)
         client_id = reply.content.metric_records["hbn-report"].get("client-id")
         if isinstance(client_id, int):
-            self.client_ids[reply.metadata.src_node_id] = client_id
+            self.client_ids[node] = client_id
         return report
 
     def aggregate_train(
@@ -299,8 +300,7 @@ class HBNStrategy:
             raise RuntimeError(msg)
         faults = list(record.faults)
         valid: dict[int, Message] = {}
-        for reply in _first_replies(replies, record.sampled):
-            node = reply.metadata.src_node_id
+        for node, reply in _first_replies(replies, record.sampled, self._train_messages).items():
             try:
                 reply.content = self._shared_only(reply)
             except (ValueError, TypeError) as error:
@@ -465,21 +465,31 @@ def _raise_reply_error(reply: Message) -> None:
     raise ValueError(msg)
 
 
-def _first_replies(replies: Iterable[Message], nodes: tuple[int, ...]) -> list[Message]:
-    """Each sampled node's first reply: a reply delivered twice counts once.
+def _first_replies(
+    replies: Iterable[Message], nodes: tuple[int, ...], sent: Iterable[Message]
+) -> dict[int, Message]:
+    """Each sampled node's first reply, by node: a reply delivered twice counts once.
 
-    Replies from nodes that were not sent the message are left out and logged.
+    An error the SuperLink sends on a node's behalf (node unavailable, message expired) comes
+    from the SuperLink's own node id; it is the node's reply to the ``sent`` message it
+    answers (``reply_to_message_id``). Replies from nodes that were not sent the message are
+    left out and logged.
     """
+    recipients = {
+        m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id
+    }
     first: dict[int, Message] = {}
     for reply in replies:
         node = reply.metadata.src_node_id
+        if node not in nodes and reply.has_error():
+            node = recipients.get(reply.metadata.reply_to_message_id, node)
         if node not in nodes:
             logger.warning("a reply from node %d, which was not sampled, is ignored", node)
         elif node in first:
             logger.warning("a second reply from node %d is ignored", node)
         else:
             first[node] = reply
-    return list(first.values())
+    return first
 
 
 class HBNFedAvg(HBNStrategy, FedAvg):
