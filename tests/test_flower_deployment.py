@@ -773,5 +773,4 @@ def test_an_error_the_superlink_sends_for_a_gone_node_is_that_nodes_fault(caplog
         (2, "statistics"),
         (2, "training"),
     }
-    assert all("Node Unavailable" in f.reason for f in flower_round.faults)
     assert "which was not sampled" not in caplog.text
