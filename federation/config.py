@@ -274,8 +274,8 @@ class ClientsConfig:
 
     frameworks: dict[str, int] = option(
         {},
-        "clients per framework, assigned in this order, summing to `data.num_clients`; "
-        "empty: every client uses torch",
+        "clients per framework, summing to `data.num_clients`, assigned in the order torch, "
+        "jax, keras whatever the key order; empty: every client uses torch",
         keys=FRAMEWORKS,
         bounds=at_least(0, COUNT_CAP),
     )
@@ -385,7 +385,7 @@ class EvalConfig:
     batch_size: int = option(256, "evaluation batch size", bounds=at_least(1, SIZE_CAP))
     framework: str = option(
         "",
-        "the server's evaluation model; empty: the first client framework",
+        "the server's evaluation model; empty: client 0's framework",
         allowed=("", *FRAMEWORKS),
     )
     personal: bool = option(

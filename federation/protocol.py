@@ -37,6 +37,7 @@ import numpy as np
 import hbn_core
 from backends._global_statistics import checked_global_statistics
 from federation.layout import HBNPart, Role, check_state, select
+from federation.models import FRAMEWORKS
 from hbn_core import Moments
 
 if TYPE_CHECKING:
@@ -260,12 +261,21 @@ def evaluates(config: Config, round_index: int) -> bool:
 
 
 def assign_frameworks(frameworks: Mapping[str, int], num_clients: int) -> list[str]:
-    """Each client's framework, by client id: the counts of ``frameworks`` in their order.
+    """Each client's framework, by client id: the counts of ``frameworks`` in canonical order.
 
-    An empty table gives every client torch.
+    The order is that of :data:`federation.models.FRAMEWORKS` (torch, jax, keras), never the
+    table's key order, which Flower's run configuration does not keep: a client's framework is
+    a function of its id alone, in every engine and process. An empty table gives every
+    client torch.
     """
     counts = frameworks or {"torch": num_clients}
-    return [name for name, count in counts.items() for _ in range(count)]
+    order = sorted(counts, key=lambda name: (_framework_rank(name), name))
+    return [name for name in order for _ in range(counts[name])]
+
+
+def _framework_rank(name: str) -> int:
+    """A framework's place in :data:`~federation.models.FRAMEWORKS`; unknown names go last."""
+    return FRAMEWORKS.index(name) if name in FRAMEWORKS else len(FRAMEWORKS)
 
 
 def sample_clients(

@@ -7,6 +7,7 @@ mutated), and layouts built by hand whose tensor names say nothing of their role
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import numpy as np
@@ -107,9 +108,14 @@ def test_sampling_draws_the_configured_count_of_eligible_clients(
     assert draw() == chosen
 
 
-def test_frameworks_are_assigned_in_the_tables_order():
-    assert protocol.assign_frameworks({"jax": 1, "torch": 2}, 3) == ["jax", "torch", "torch"]
+def test_frameworks_are_assigned_in_canonical_order_whatever_the_key_order():
+    # Flower's run configuration does not keep the table's key order (issue 20, defect 1).
+    assert protocol.assign_frameworks({"jax": 1, "torch": 2}, 3) == ["torch", "torch", "jax"]
     assert protocol.assign_frameworks({}, 2) == ["torch", "torch"]
+    counts = {"keras": 1, "jax": 2, "torch": 3}
+    expected = ["torch"] * 3 + ["jax"] * 2 + ["keras"]
+    for order in itertools.permutations(counts):
+        assert protocol.assign_frameworks({name: counts[name] for name in order}, 6) == expected
 
 
 def test_evaluated_rounds_are_every_nth_and_the_last_ones():

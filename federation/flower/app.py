@@ -11,12 +11,14 @@ with a configuration, strategy or model given in Python instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import pathlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import ServerApp
 
 from federation import protocol
@@ -28,6 +30,7 @@ from federation.flower.wire import (
     config_from_run_config,
     state_from_record,
     state_record,
+    write_atomically,
 )
 from federation.layout import Role, select
 from federation.models import build_model
@@ -37,7 +40,6 @@ if TYPE_CHECKING:
 
     from flwr.app import Context
     from flwr.serverapp import Grid
-    from flwr.serverapp.strategy import Result
 
     from federation.config import Config
     from federation.flower.strategy import HBNStrategy
@@ -71,14 +73,17 @@ def make_server_app(
     Returns
     -------
     flwr.serverapp.ServerApp
-        With ``options.out_dir`` set, it writes ``results.json`` (``"status"`` is
-        ``"completed"`` or ``"failed"``, per-round records and faults) and
-        ``global_state.npz``.
+        With ``options.out_dir`` set, it writes ``results.json`` when the run starts and after
+        every round, atomically: the Flower ``run_id``, a ``status`` (``"running"``, then
+        ``"completed"``, ``"stopped"`` by ``flwr stop`` or an interrupt, or ``"failed"``
+        with its ``error``), the per-round records and their faults. ``global_state.npz``
+        is the global state after the last round written.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        _log_like_flower()
         if config is None:
             hbn, server = config_from_run_config(context.run_config)
         else:
@@ -88,6 +93,12 @@ def make_server_app(
         chosen = (strategy or _default_strategy)(hbn, initial.layout)
         state = initial.get_state()
         names = select(initial.layout, Role.SHARED, Role.STATISTICS)
+        write = functools.partial(_write_results, server.out_dir, context.run_id, hbn, chosen)
+
+        def after_round(_server_round: int, arrays: ArrayRecord) -> None:
+            write("running", arrays=arrays)
+
+        write("running")
         try:
             result = chosen.start(
                 grid,
@@ -96,13 +107,32 @@ def make_server_app(
                 timeout=server.timeout,
                 train_config=ConfigRecord(),
                 evaluate_config=ConfigRecord(),
+                evaluate_fn=after_round,
             )
         except Exception as error:
-            _write_results(server.out_dir, hbn, chosen, None, error)
+            write("failed", error=error)
             raise
-        _write_results(server.out_dir, hbn, chosen, result, None)
+        except BaseException as stop:  # flwr stop (RunNotRunningException), Ctrl-C, exit
+            write("stopped", error=stop)
+            raise
+        write("completed", arrays=result.arrays)
 
     return app
+
+
+def _log_like_flower() -> None:
+    """Give HBN's log lines (logger ``federation``) Flower's console format and level INFO.
+
+    Without a handler of its own the logger's lines reach Python's last-resort handler, bare
+    and warnings only, amid Flower's formatted ones.
+    """
+    from flwr.common.logger import console_handler
+
+    hbn = logging.getLogger("federation")
+    if console_handler not in hbn.handlers:
+        hbn.addHandler(console_handler)
+    if hbn.level == logging.NOTSET:
+        hbn.setLevel(logging.INFO)
 
 
 def _default_strategy(config: Config, layout: Layout) -> HBNStrategy:
@@ -117,16 +147,25 @@ def _reference_model(config: Config) -> FrameworkModel:
 
 def _write_results(
     out_dir: str,
+    run_id: int,
     config: Config,
     strategy: HBNStrategy,
-    result: Result | None,
-    error: Exception | None,
+    status: str,
+    *,
+    arrays: ArrayRecord | None = None,
+    error: BaseException | None = None,
 ) -> None:
-    """Write ``results.json`` and, after a completed run, ``global_state.npz``."""
+    """Write ``results.json`` (and ``global_state.npz`` from ``arrays``), each atomically.
+
+    The state goes first, so a ``results.json`` that names a round never comes with an older
+    state.
+    """
     if not out_dir:
         return
     path = pathlib.Path(out_dir)
-    path.mkdir(parents=True, exist_ok=True)
+    if arrays is not None:
+        state: State = state_from_record(arrays)
+        write_atomically(path / "global_state.npz", lambda stream: np.savez(stream, **state))
     rounds: list[dict[str, Any]] = []
     for record in strategy.history:
         fields = dataclasses.asdict(record)
@@ -136,17 +175,15 @@ def _write_results(
         }
         rounds.append(fields)
     document = {
-        "status": "failed" if error is not None else "completed",
+        "run_id": run_id,
+        "status": status,
         "error": None if error is None else f"{type(error).__name__}: {error}",
         "config": config.to_dict(),
         "rounds": rounds,
         "client_ids": {str(node): client for node, client in strategy.client_ids.items()},
     }
-    text = json.dumps(protocol.json_safe(document), indent=2, allow_nan=False)
-    (path / "results.json").write_text(text + "\n")
-    if result is not None:
-        state: State = state_from_record(result.arrays)
-        np.savez(path / "global_state.npz", **state)
+    text = json.dumps(protocol.json_safe(document), indent=2, allow_nan=False) + "\n"
+    write_atomically(path / "results.json", lambda stream: stream.write(text.encode()))
 
 
 server_app = make_server_app()

@@ -19,6 +19,8 @@ with the same configuration, so a Flower run and an embedded run train the same 
 from __future__ import annotations
 
 import functools
+import pathlib
+import zipfile
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,11 +31,13 @@ from federation import protocol
 from federation.client import Client, load_state
 from federation.data import batches, load_dataset, partition
 from federation.flower.wire import (
+    FRAMEWORK_MISSING,
     STATISTICS_ACTION,
     config_from_run_config,
     report_content,
     state_from_record,
     state_record,
+    write_atomically,
 )
 from federation.layout import Role, check_state, select
 from federation.models import ModelSpec, build_model
@@ -47,12 +51,21 @@ if TYPE_CHECKING:
 
     from federation.config import Config
     from federation.data import Dataset
-    from federation.layout import State
+    from federation.layout import Layout, State
     from federation.models import FrameworkModel
 
-__all__ = ["PERSONAL_KEY", "make_client_app"]
+__all__ = [
+    "PERSONAL_KEY",
+    "STATE_DIR_KEY",
+    "load_personal_state",
+    "make_client_app",
+    "personal_state_path",
+    "save_personal_state",
+]
 
 PERSONAL_KEY = "hbn-personal"
+STATE_DIR_KEY = "hbn-state-dir"
+"""The ``node_config`` key of the folder where a node keeps its personal state on its disk."""
 
 
 class _Node:
@@ -83,18 +96,31 @@ class _Node:
         )
         framework = self.config.client_frameworks[self.client_id]
         self.client = Client(self.client_id, framework, indices[self.client_id])
-        if models is None:
-            self.model, self.initial_personal = _reference_model(
-                framework,
-                self.config.model_spec(self.data.input_shape, self.data.num_classes),
-                self.config.seed,
-            )
-        else:
-            self.model = models(framework)
-            self.initial_personal = _personal(self.model)
+        try:
+            if models is None:
+                self.model, self.initial_personal = _reference_model(
+                    framework,
+                    self.config.model_spec(self.data.input_shape, self.data.num_classes),
+                    self.config.seed,
+                )
+            else:
+                self.model = models(framework)
+                self.initial_personal = _personal(self.model)
+        except ImportError as error:
+            msg = f"partition {self.client_id} {FRAMEWORK_MISSING} {framework!r}: {error}"
+            raise ImportError(msg) from error
+        self.store = personal_state_path(context, self.client_id, self.num_clients)
         self.personal: State | None = None
         if PERSONAL_KEY in context.state.array_records:
             self.personal = state_from_record(context.state.array_records[PERSONAL_KEY])
+        elif self.store is not None and self.store.is_file():
+            self.personal = load_personal_state(self.store, self.model.layout)
+
+    def keep_personal(self, context: Context, personal: State) -> None:
+        """Keep this node's new personal state in ``context.state`` and, if set, on disk."""
+        context.state[PERSONAL_KEY] = state_record(personal)
+        if self.store is not None:
+            save_personal_state(self.store, personal)
 
     def rng(
         self, stream: Stream, round_index: int, *, client: int | None = None
@@ -191,7 +217,7 @@ def make_client_app(
             send_personal=False,
             rng=here.rng(Stream.TRAINING, round_index),
         )
-        context.state[PERSONAL_KEY] = state_record(update.personal)
+        here.keep_personal(context, update.personal)
         metrics = {"num-examples": update.examples, "train-loss": update.train_loss}
         content = RecordDict(
             {"arrays": state_record(update.sent), "metrics": MetricRecord(metrics)}
@@ -264,3 +290,49 @@ def _reference_model(framework: str, spec: ModelSpec, seed: int) -> tuple[Framew
 def _personal(model: FrameworkModel) -> State:
     state = model.get_state()
     return {name: state[name] for name in select(model.layout, Role.PERSONAL)}
+
+
+def personal_state_path(context: Context, client_id: int, num_clients: int) -> pathlib.Path | None:
+    """Where the node keeps its personal state on its disk, or ``None``.
+
+    The file is ``<hbn-state-dir>/run-<run id>/partition-<k>-of-<K>.npz``.
+    Keyed by the Flower run and the node's partition, not by its node id, so a SuperNode
+    restarted with the same ``--node-config`` continues the alpha it had. ``None`` when the
+    node's ``node_config`` sets no ``hbn-state-dir`` (the state then lives in memory only).
+    """
+    folder = context.node_config.get(STATE_DIR_KEY)
+    if folder is None or folder == "":
+        return None
+    if not isinstance(folder, str):
+        msg = f"the node's `{STATE_DIR_KEY}` must be a folder path; got {folder!r}."
+        raise ValueError(msg)
+    name = f"partition-{client_id}-of-{num_clients}.npz"
+    return pathlib.Path(folder).expanduser() / f"run-{context.run_id}" / name
+
+
+def save_personal_state(path: pathlib.Path, personal: State) -> None:
+    """Write ``personal`` to ``path`` as ``.npz``, atomically (a temporary file, then a rename).
+
+    A node killed while it writes leaves the previous file whole.
+    """
+    write_atomically(path, lambda stream: np.savez(stream, **personal))
+
+
+def load_personal_state(path: pathlib.Path, layout: Layout) -> State:
+    """The personal state ``path`` holds, read without pickle and checked against ``layout``.
+
+    Raises
+    ------
+    ValueError
+        If the file is not an ``.npz`` readable without pickle, or its tensors are not the
+        layout's personal ones (names, shapes, dtypes); the message names the file.
+    """
+    names = select(layout, Role.PERSONAL)
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            state = {name: stored[name] for name in stored.files}
+        check_state(state, layout, names=names)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
+        msg = f"the node's personal state {str(path)!r} cannot be used: {error}"
+        raise ValueError(msg) from error
+    return state

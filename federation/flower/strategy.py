@@ -31,12 +31,14 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from federation import protocol
 from federation.config import ConfigError
 from federation.flower.wire import (
+    FRAMEWORK_MISSING,
     STATISTICS_MESSAGE_TYPE,
     read_report,
     state_from_record,
@@ -50,14 +52,23 @@ if TYPE_CHECKING:
 
     from flwr.app import ArrayRecord, MetricRecord
     from flwr.serverapp import Grid
+    from flwr.serverapp.strategy import Result
 
     from federation.config import Config
     from federation.layout import Layout, State
     from federation.protocol import GlobalStatistics, StatisticsReport
 
-__all__ = ["FlowerRound", "HBNFedAvg", "HBNStrategy", "NodeFault"]
+__all__ = ["FlowerRound", "HBNFedAvg", "HBNStrategy", "NodeFault", "NodeSetupError"]
 
 logger = logging.getLogger("federation")
+
+
+class NodeSetupError(RuntimeError):
+    """A node cannot build its partition's model (its framework is missing): the run stops.
+
+    A fault of one message would recur in every message to that node, so it is not left out
+    round after round; the run fails at the first step, naming the node and the framework.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +88,9 @@ class FlowerRound:
     ``statistics`` is the global statistics the round left (float64 ``(mean, var)`` per HBN
     layer); ``accuracy`` and ``loss`` are the nodes' evaluation, weighted by test examples.
     ``seconds`` holds the wall time of each step, from its messages going out to its
-    aggregate: ``statistics``, ``training`` and ``evaluation``.
+    aggregate: ``statistics``, ``training`` and ``evaluation``. ``evaluated_nodes`` are the
+    nodes whose evaluation counted; ``evaluation_incomplete`` flags an accuracy measured on
+    fewer than ``data.num_clients`` nodes, so not on the whole test set.
     """
 
     round: int
@@ -91,6 +104,8 @@ class FlowerRound:
     loss: float | None = None
     seconds: Mapping[str, float] = dataclasses.field(default_factory=dict)
     faults: tuple[NodeFault, ...] = ()
+    evaluated_nodes: tuple[int, ...] = ()
+    evaluation_incomplete: bool = False
 
 
 class HBNStrategy:
@@ -110,10 +125,13 @@ class HBNStrategy:
     layout
         The model's canonical layout (``FrameworkModel.layout``).
     query_timeout
-        Seconds to wait for the statistics reports.
+        Seconds to wait for the statistics reports; default: the ``timeout`` given to
+        :meth:`start`, which bounds every other step too.
     **kwargs
-        The base strategy's arguments. ``fraction_train``, ``min_train_nodes`` and
-        ``min_available_nodes`` default to ``clients.fraction`` and ``clients.min_clients``.
+        The base strategy's arguments. ``fraction_train``, ``min_train_nodes``,
+        ``min_evaluate_nodes`` and ``min_available_nodes`` default to ``clients.fraction``
+        and ``clients.min_clients`` (Flower waits for that many connected nodes, with no
+        timeout, so a node that died must not stall evaluation).
 
     Attributes
     ----------
@@ -134,12 +152,19 @@ class HBNStrategy:
     weighted_by_key: str
 
     def __init__(
-        self, *, config: Config, layout: Layout, query_timeout: float = 3600.0, **kwargs: Any
+        self,
+        *,
+        config: Config,
+        layout: Layout,
+        query_timeout: float | None = None,
+        **kwargs: Any,
     ) -> None:
         _check_supported(config)
         kwargs.setdefault("fraction_train", config.clients.fraction)
         kwargs.setdefault("min_train_nodes", config.clients.min_clients)
         kwargs.setdefault("min_available_nodes", config.clients.min_clients)
+        # FedAvg waits, without a timeout, for this many connected nodes before it evaluates.
+        kwargs.setdefault("min_evaluate_nodes", config.clients.min_clients)
         super().__init__(**kwargs)
         self.hbn_config = config
         self.layout = dict(layout)
@@ -149,12 +174,21 @@ class HBNStrategy:
         self.history: list[FlowerRound] = []
         self.client_ids: dict[int, int] = {}
         self.query_timeout = query_timeout
+        self._timeout = 3600.0  # start's timeout (Flower's default), for the statistics query
         # The round between configure_train and aggregate_train, and the state it went out with.
         self._pending: FlowerRound | None = None
         self._sent: State = {}
+        self._train_messages: list[Message] = []
         self._clock = 0.0  # when the current step's messages went out
 
     # -- the round ---------------------------------------------------------------------------
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
+        """Flower's run loop; its ``timeout`` also bounds the statistics query of every round."""
+        timeout = kwargs.get("timeout", args[1] if len(args) > 1 else 3600.0)
+        self._timeout = float(timeout)
+        result: Result = super().start(grid, initial_arrays, *args, **kwargs)  # type: ignore[misc]
+        return result
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -167,8 +201,8 @@ class HBNStrategy:
         """
         start = time.perf_counter()
         self._pending = None
-        state = state_from_record(arrays)
-        check_state(state, self.layout, names=self.shared_names + self.statistics_names)
+        state = self._travelling(state_from_record(arrays))
+        arrays = state_record(state)
         lr = protocol.learning_rate(self.hbn_config.train, server_round - 1)
         train_config = ConfigRecord({**dict(config), "lr": lr})
         shared = state_record({name: state[name] for name in self.shared_names})
@@ -194,9 +228,31 @@ class HBNStrategy:
             faults=tuple(faults),
         )
         self._sent = state
+        self._train_messages = messages  # the grid gives them their ids as it sends them
         for message in messages:
             message.content = _with_arrays(message.content, arrays)
         return messages
+
+    def _travelling(self, state: State) -> State:
+        """The ``shared`` and ``statistics`` tensors of ``state``, checked.
+
+        A whole model state is accepted (``ArrayRecord(model.state_dict())``): the layout's
+        roles decide what travels, so ``personal`` tensors (alpha, local running statistics)
+        and integer counters outside the layout (``num_batches_tracked``) are left out. Any
+        other tensor the layout does not know is refused, as a missing one is.
+        """
+        names = self.shared_names + self.statistics_names
+        unknown = [
+            name
+            for name in state
+            if name not in self.layout and not np.issubdtype(state[name].dtype, np.integer)
+        ]
+        if unknown:
+            msg = f"the global state holds tensors the layout does not know: {sorted(unknown)}."
+            raise ValueError(msg)
+        travelling = {name: state[name] for name in names if name in state}
+        check_state(travelling, self.layout, names=names)
+        return travelling
 
     def _query_statistics(
         self,
@@ -214,26 +270,24 @@ class HBNStrategy:
             Message(content=content, message_type=STATISTICS_MESSAGE_TYPE, dst_node_id=node)
             for node in nodes
         ]
-        replies = grid.send_and_receive(queries, timeout=self.query_timeout)
+        timeout = self._timeout if self.query_timeout is None else self.query_timeout
+        replies = grid.send_and_receive(queries, timeout=timeout)
         reports: dict[int, StatisticsReport] = {}
-        for reply in _first_replies(replies, nodes):
-            node = reply.metadata.src_node_id
+        for node, reply in _first_replies(replies, nodes, queries).items():
             try:
-                reports[node] = self._read_report(reply)
+                reports[node] = self._read_report(reply, node)
             except (ValueError, TypeError) as error:
                 faults.append(self._fault(server_round, node, "statistics", error))
         self._require_enough(server_round, "statistics", nodes, reports, faults)
         return dict(sorted(reports.items(), key=lambda item: self.client_ids.get(item[0], item[0])))
 
-    def _read_report(self, reply: Message) -> StatisticsReport:
-        if reply.has_error():
-            msg = f"the node replied with an error: {reply.error.reason}"
-            raise ValueError(msg)
+    def _read_report(self, reply: Message, node: int) -> StatisticsReport:
+        _raise_reply_error(reply)
         report = read_report(reply.content, self.hbn_layers)
         protocol.check_report(report, self.hbn_layers)
         client_id = reply.content.metric_records["hbn-report"].get("client-id")
         if isinstance(client_id, int):
-            self.client_ids[reply.metadata.src_node_id] = client_id
+            self.client_ids[node] = client_id
         return report
 
     def aggregate_train(
@@ -246,8 +300,7 @@ class HBNStrategy:
             raise RuntimeError(msg)
         faults = list(record.faults)
         valid: dict[int, Message] = {}
-        for reply in _first_replies(replies, record.sampled):
-            node = reply.metadata.src_node_id
+        for node, reply in _first_replies(replies, record.sampled, self._train_messages).items():
             try:
                 reply.content = self._shared_only(reply)
             except (ValueError, TypeError) as error:
@@ -256,6 +309,7 @@ class HBNStrategy:
                 valid[node] = reply
         self._require_enough(server_round, "training", record.sampled, valid, faults)
         shared, metrics = super().aggregate_train(server_round, list(valid.values()))
+        _log_count(server_round, "training", len(valid), record.sampled, faults)
         if shared is None:
             msg = f"round {server_round}: the base strategy aggregated nothing."
             raise RoundFailedError(msg)
@@ -283,9 +337,7 @@ class HBNStrategy:
         Statistics, alpha and counters (``num_batches_tracked``) a client may have sent are
         dropped here, before any averaging.
         """
-        if reply.has_error():
-            msg = f"the node replied with an error: {reply.error.reason}"
-            raise ValueError(msg)
+        _raise_reply_error(reply)
         content = reply.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             msg = (
@@ -321,7 +373,18 @@ class HBNStrategy:
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """The base strategy's weighted evaluation metrics, also kept in :attr:`history`."""
+        replies = list(replies)
         metrics: MetricRecord | None = super().aggregate_evaluate(server_round, replies)
+        evaluated = tuple(sorted({r.metadata.src_node_id for r in replies if not r.has_error()}))
+        incomplete = len(evaluated) < self.hbn_config.data.num_clients
+        if incomplete:
+            logger.warning(
+                "round %d: the accuracy is measured on %d of %d clients' test shares, not on "
+                "the whole test set",
+                server_round,
+                len(evaluated),
+                self.hbn_config.data.num_clients,
+            )
         if metrics is not None and self.history and self.history[-1].round == server_round:
             last = self.history[-1]
             self.history[-1] = dataclasses.replace(
@@ -329,6 +392,8 @@ class HBNStrategy:
                 accuracy=_metric(metrics, "accuracy"),
                 loss=_metric(metrics, "loss"),
                 seconds={**last.seconds, "evaluation": time.perf_counter() - self._clock},
+                evaluated_nodes=evaluated,
+                evaluation_incomplete=incomplete,
             )
         return metrics
 
@@ -370,21 +435,68 @@ class HBNStrategy:
             raise
 
 
-def _first_replies(replies: Iterable[Message], nodes: tuple[int, ...]) -> list[Message]:
-    """Each sampled node's first reply: a reply delivered twice counts once.
+def _log_count(
+    server_round: int, step: str, valid: int, sampled: tuple[int, ...], faults: list[NodeFault]
+) -> None:
+    """HBN's own count of a step's replies, after the base strategy's log line.
 
-    Replies from nodes that were not sent the message are left out and logged.
+    The base strategy counts only the replies HBN passed on ("Received 3 results and 0
+    failures"); this line counts the nodes HBN left out too.
     """
+    left_out = [fault for fault in faults if fault.step == step]
+    logger.log(
+        logging.WARNING if left_out else logging.INFO,
+        "round %d: %s: %d of %d sampled nodes counted, %d left out%s",
+        server_round,
+        step,
+        valid,
+        len(sampled),
+        len(left_out),
+        "".join(f"; node {fault.node_id}: {fault.reason}" for fault in left_out),
+    )
+
+
+def _raise_reply_error(reply: Message) -> None:
+    """Raise if ``reply`` is an error.
+
+    :class:`NodeSetupError` for a node without its framework, :class:`ValueError` (a fault of
+    this node and step) otherwise.
+    """
+    if not reply.has_error():
+        return
+    reason = reply.error.reason
+    if FRAMEWORK_MISSING in reason:
+        msg = f"node {reply.metadata.src_node_id} cannot run: {reason}"
+        raise NodeSetupError(msg)
+    msg = f"the node replied with an error: {reason}"
+    raise ValueError(msg)
+
+
+def _first_replies(
+    replies: Iterable[Message], nodes: tuple[int, ...], sent: Iterable[Message]
+) -> dict[int, Message]:
+    """Each sampled node's first reply, by node: a reply delivered twice counts once.
+
+    An error the SuperLink sends on a node's behalf (node unavailable, message expired) comes
+    from the SuperLink's own node id; it is the node's reply to the ``sent`` message it
+    answers (``reply_to_message_id``). Replies from nodes that were not sent the message are
+    left out and logged.
+    """
+    recipients = {
+        m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id
+    }
     first: dict[int, Message] = {}
     for reply in replies:
         node = reply.metadata.src_node_id
+        if node not in nodes and reply.has_error():
+            node = recipients.get(reply.metadata.reply_to_message_id, node)
         if node not in nodes:
             logger.warning("a reply from node %d, which was not sampled, is ignored", node)
         elif node in first:
             logger.warning("a second reply from node %d is ignored", node)
         else:
             first[node] = reply
-    return list(first.values())
+    return first
 
 
 class HBNFedAvg(HBNStrategy, FedAvg):

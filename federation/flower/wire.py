@@ -16,6 +16,9 @@ options of the Flower server app (see :class:`ServerOptions`).
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
+import tempfile
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,12 +29,15 @@ from federation.protocol import StatisticsReport
 from hbn_core import Moments
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
+    from typing import BinaryIO
 
     from federation.config import Config
     from federation.layout import State
 
 __all__ = [
+    "FRAMEWORK_MISSING",
+    "HBN_PREFIX",
     "REPORT_KEY",
     "STATISTICS_ACTION",
     "STATISTICS_KEY",
@@ -42,6 +48,7 @@ __all__ = [
     "report_content",
     "state_from_record",
     "state_record",
+    "write_atomically",
 ]
 
 STATISTICS_ACTION = "hbn_statistics"
@@ -49,6 +56,10 @@ STATISTICS_MESSAGE_TYPE = f"query.{STATISTICS_ACTION}"
 STATISTICS_KEY = "hbn-statistics"
 REPORT_KEY = "hbn-report"
 FIELDS = ("count", "mean", "m2")
+HBN_PREFIX = "hbn."
+FRAMEWORK_MISSING = "lacks its framework"
+"""In a node's error reply: the node cannot build its partition's model, a setup error that
+ends the run (:class:`~federation.flower.strategy.HBNStrategy`) rather than a fault."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,11 +159,21 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Serve
     is the TOML table ``hbn-fed`` reads plus a ``[flower]`` section; see
     :func:`federation.config.parse_config`.
 
+    With any key under ``hbn.`` (a ``[tool.flwr.app.config.hbn]`` section), HBN reads only
+    those keys, prefix removed (``hbn.train.lr``, ``hbn.flower.timeout``), and leaves every
+    other key (``num-server-rounds``, an app's own) to the app.
+
     Raises
     ------
     federation.config.ConfigError
         If a key is unknown or a value is not allowed; the message names the key.
     """
+    if any(key.startswith(HBN_PREFIX) for key in run_config):
+        run_config = {
+            key.removeprefix(HBN_PREFIX): value
+            for key, value in run_config.items()
+            if key.startswith(HBN_PREFIX)
+        }
     table: dict[str, Any] = {}
     for key, value in run_config.items():
         *sections, leaf = key.split(".")
@@ -162,3 +183,20 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Serve
         cursor[leaf] = value
     options: ServerOptions = build_section(ServerOptions, table.pop("flower", {}), prefix="flower.")
     return parse_config(table), options
+
+
+def write_atomically(path: pathlib.Path, write: Callable[[BinaryIO], None]) -> None:
+    """Create or replace ``path`` with what ``write`` writes to a stream, all or nothing.
+
+    ``write`` fills a temporary file in the same folder, which then replaces ``path`` in one
+    rename: a reader, or a process killed meanwhile, never sees half a file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        os.replace(temporary, path)
+    except BaseException:
+        pathlib.Path(temporary).unlink(missing_ok=True)
+        raise

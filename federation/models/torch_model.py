@@ -16,6 +16,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from torch import nn
 
 from backends import torch as hbn_torch
+from federation.layout import HBNPart, HBNTensor, Kind, Layout, Role, TensorSpec
 from federation.models import (
     GROUPS,
     Batch,
@@ -31,7 +32,7 @@ from hbn_core import Moments
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping
 
-__all__ = ["TorchModel", "build"]
+__all__ = ["TorchModel", "build", "torch_layout"]
 
 
 def _norm(spec: ModelSpec, channels: int, *, spatial: bool) -> nn.Module:
@@ -187,3 +188,43 @@ class TorchModel:
 def build(spec: ModelSpec, *, seed: int) -> TorchModel:
     """Build ``spec`` in PyTorch, its initial weights drawn from ``seed``."""
     return TorchModel(spec, seed=seed)
+
+
+_KINDS = {4: Kind.CONV_KERNEL, 2: Kind.DENSE_KERNEL}
+
+
+def torch_layout(module: nn.Module) -> Layout:
+    """The canonical layout of a torch model, e.g. one converted with ``convert_batchnorm``.
+
+    Roles come from the layer types: each :class:`~backends.torch.HybridBatchNorm`'s
+    ``global_mean`` and ``global_var`` are ``statistics``, its ``alpha`` and local running
+    statistics ``personal``; every other parameter and floating buffer is ``shared``; integer
+    counters (``num_batches_tracked``) are left out. Names and shapes are the ``state_dict``'s.
+    4-D tensors are conv kernels, 2-D ones dense kernels (what a channels-last conversion
+    needs; a dense layer after a flatten is not marked, so this layout serves torch nodes).
+    """
+    layout: Layout = {}
+    for prefix, layer in module.named_modules():
+        tensors = {
+            **dict(layer.named_parameters(recurse=False)),
+            **dict(layer.named_buffers(recurse=False)),
+        }
+        for local, tensor in tensors.items():
+            if tensor is None or not tensor.is_floating_point():
+                continue
+            name = f"{prefix}.{local}" if prefix else local
+            shape = tuple(tensor.shape)
+            kind = _KINDS.get(len(shape), Kind.VECTOR)
+            if isinstance(layer, hbn_torch.HybridBatchNorm) and local in {
+                "global_mean",
+                "global_var",
+                "alpha",
+            }:
+                part = HBNPart(local)
+                role = Role.PERSONAL if part is HBNPart.ALPHA else Role.STATISTICS
+                layout[name] = TensorSpec(shape, role, kind, hbn=HBNTensor(prefix, part))
+            elif isinstance(layer, hbn_torch.HybridBatchNorm) and local.startswith("running_"):
+                layout[name] = TensorSpec(shape, Role.PERSONAL, kind)
+            else:
+                layout[name] = TensorSpec(shape, Role.SHARED, kind)
+    return layout
