@@ -269,8 +269,8 @@ def test_blend_is_an_ema():
             "positive count",
         ),
         (_report(np.ones((2, 2)), 1, 1)._replace(examples=0), "`examples` must be a positive"),
-        (_report(np.full((2, 2), np.nan), 1, 1), "finite"),
-        (_report(np.ones((2, 3)), 1, 1), "\\(2,\\) mean"),
+        (_report(np.full((2, 2), np.nan), 2, 1), "finite"),
+        (_report(np.ones((2, 3)), 2, 1), "\\(2,\\) mean"),
     ],
 )
 def test_malformed_reports_are_refused(report, match):
