@@ -4,10 +4,12 @@ The math is :mod:`hbn_core`'s. In training mode the layer calls :func:`hbn_core.
 inside a :class:`torch.autograd.Function` whose backward is :func:`hbn_core.hbn_backward`, or,
 by default, the same math on torch's fused batch-norm kernels (the fast path: a C++ operator on
 CPU, see :func:`compiled_kernel_available`, a Python ``autograd.Function`` elsewhere); in eval
-mode it calls :func:`hbn_core.hbn_inference`. This module adds torch's conventions (names,
-buffers, shapes, errors) and the client side of the statistics protocol:
-:func:`collect_statistics`, :func:`set_global_statistics`, :func:`hbn_layers` and
-:func:`convert_batchnorm`.
+mode it calls :func:`hbn_core.hbn_inference`. A backward that autograd records (second-order
+gradients) or batches runs hbn_core's forward and backward as torch ops, on every path. This
+module adds torch's conventions (names, buffers, shapes, errors), the build of the C++ operator
+(:func:`build_compiled_kernel`, ``python -m backends.torch build``) and the client side of the
+statistics protocol: :func:`collect_statistics`, :func:`set_global_statistics`,
+:func:`hbn_layers` and :func:`convert_batchnorm`.
 
 Examples
 --------

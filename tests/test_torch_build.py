@@ -117,7 +117,7 @@ def test_a_build_that_holds_the_lock_too_long_is_waited_for_a_bounded_time(tmp_p
     assert re.search(r"another process has been building it in .* for more than 2 s", warning)
 
 
-def test_concurrent_processes_build_once_and_all_train_on_the_operator(tmp_path, monkeypatch):
+def test_two_processes_starting_together_both_train_on_the_operator(tmp_path, monkeypatch):
     """Two training processes start together on an empty build directory; then the CLI."""
     env = environment(tmp_path, timeout=1200)
     processes = [
