@@ -679,9 +679,13 @@ class HybridBatchNorm(nn.Module):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = x + alpha.view(shape)  # empty: no value is mixed, alpha only takes part
-        y = y if weight is None else y * weight.view(shape)
-        return y if bias is None else y + bias.view(shape)
+
+        def per_channel(p: torch.Tensor) -> torch.Tensor:
+            return p.to(x.dtype).view(shape)
+
+        y = x + per_channel(alpha)  # empty: no value is mixed, alpha only takes part
+        y = y if weight is None else y * per_channel(weight)
+        return y if bias is None else y + per_channel(bias)
 
     def _fused_kernels_apply(
         self,

@@ -262,6 +262,16 @@ def test_an_empty_training_batch_gives_an_empty_output_as_batchnorm(shape, path)
     torch.testing.assert_close(grads[-1], torch.zeros(3), rtol=0, atol=0)  # alpha takes part
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_an_empty_batch_keeps_the_input_dtype(dtype):
+    x = torch.randn(0, 3, 2, 2, dtype=dtype, requires_grad=True)
+    hbn, bn = hbn_torch.HybridBatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    y = hbn(x)
+    assert y.dtype == bn(x).dtype == dtype
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    assert dx.dtype == dtype
+
+
 def test_an_empty_batch_in_collection_and_eval_gives_an_empty_output():
     layer = hbn_torch.HybridBatchNorm2d(3)
     x = torch.randn(0, 3, 2, 2)
