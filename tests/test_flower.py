@@ -515,13 +515,22 @@ def test_a_reply_delivered_twice_counts_once(caplog):
 
 
 def test_replies_from_unsampled_nodes_and_second_replies_are_left_out(caplog):
-    def reply(node):
-        return types.SimpleNamespace(metadata=types.SimpleNamespace(src_node_id=node))
+    def reply(node, *, error=False, reply_to=""):
+        metadata = types.SimpleNamespace(src_node_id=node, reply_to_message_id=reply_to)
+        return types.SimpleNamespace(metadata=metadata, has_error=lambda: error)
 
+    def message(message_id, node):
+        metadata = types.SimpleNamespace(message_id=message_id, dst_node_id=node)
+        return types.SimpleNamespace(metadata=metadata)
+
+    superlink = 0
     first, other, again, stranger = reply(1), reply(2), reply(1), reply(9)
+    # The SuperLink answers for node 3, which it could not reach, from its own node id.
+    unreachable = reply(superlink, error=True, reply_to="m3")
+    sent = [message("m1", 1), message("m2", 2), message("m3", 3)]
     with caplog.at_level(logging.WARNING, logger="federation"):
-        kept = _first_replies([first, other, again, stranger], (1, 2, 3))
-    assert kept == [first, other]
+        kept = _first_replies([first, other, again, stranger, unreachable], (1, 2, 3), sent)
+    assert kept == {1: first, 2: other, 3: unreachable}
     assert "a second reply from node 1 is ignored" in caplog.text
     assert "a reply from node 9, which was not sampled, is ignored" in caplog.text
 
