@@ -11,9 +11,10 @@ One round (``docs/federation.md`` has the details), each decision made by the pr
 5. **evaluation** every ``eval.every`` rounds and in the last ``eval.final_rounds``.
 
 A client that raises or sends a malformed report is left out of the step and the fault is
-recorded; with fewer than ``min_clients`` valid clients the round fails with
-:class:`~federation.protocol.RoundFailedError` and nothing changes. An evaluation that fails
-does not undo the round's training: the round is committed with the failure in its record.
+recorded (:func:`federation.steps.settle`, as on Flower); with fewer than ``min_clients``
+valid clients the round fails with :class:`~federation.protocol.RoundFailedError` and nothing
+changes. An evaluation that fails does not undo the round's training: the round is committed
+with the failure in its record.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from federation import protocol
+from federation import protocol, steps
 from federation.client import Client, load_state
 from federation.data import batches, check_clients_with_data, load_dataset, partition
 from federation.layout import Role, select
@@ -33,13 +34,14 @@ from federation.protocol import Fault, FederationState, RoundFailedError, RoundR
 from federation.repro.statistics import Summary, summarize
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping
+    from collections.abc import Callable, Mapping
 
     from federation.config import Config
     from federation.data import Dataset
     from federation.layout import Layout, State
-    from federation.models import Batch, FrameworkModel
+    from federation.models import FrameworkModel
     from federation.protocol import GlobalStatistics, StatisticsReport, Update
+    from federation.steps import Settled
 
     Progress = Callable[[str, Client], None]
 
@@ -188,14 +190,14 @@ class Simulation:
         start = time.perf_counter()
         lr = protocol.learning_rate(self.config.train, round_index)
         sampled = self.sample_clients(round_index)
-        faults: list[Fault] = []
-        reports, statistics_compute = self._statistics_step(
-            state, round_index, sampled, faults, progress
+        statistics, statistics_compute = self._statistics_step(
+            state, round_index, sampled, progress
         )
+        min_clients = self.config.clients.min_clients
+        reports = steps.require(statistics, min_clients) if self.hbn_layers else {}
         statistics_done = time.perf_counter()
-        updates, training_compute = self._training_step(
-            state, round_index, sampled, lr, faults, progress
-        )
+        training, training_compute = self._training_step(state, round_index, sampled, lr, progress)
+        updates = steps.require(training, min_clients)
         training_done = time.perf_counter()
         trained = protocol.aggregate_round(
             state,
@@ -206,7 +208,7 @@ class Simulation:
             layers=self.hbn_layers,
         )
         server_done = time.perf_counter()
-        evaluation = self._evaluation(trained, round_index, sampled, sorted(updates), faults)
+        evaluation, evaluation_faults = self._evaluation(trained, round_index, sampled, updates)
         end = time.perf_counter()
         record = RoundRecord(
             round=round_index + 1,
@@ -224,7 +226,7 @@ class Simulation:
                 "client_compute": statistics_compute + training_compute,
                 "total": end - start,
             },
-            faults=tuple(faults),
+            faults=statistics.faults + training.faults + evaluation_faults,
         )
         return protocol.with_record(trained, record), record
 
@@ -237,15 +239,17 @@ class Simulation:
         state: FederationState,
         round_index: int,
         sampled: list[Client],
-        faults: list[Fault],
         progress: Progress | None,
         *,
         stream: Stream = Stream.STATISTICS,
         step: str = "statistics",
-    ) -> tuple[dict[int, StatisticsReport], float]:
-        """Every sampled client's checked statistics report on ``state``'s global model."""
+    ) -> tuple[Settled[StatisticsReport], float]:
+        """Every sampled client's checked statistics report on ``state``'s global model.
+
+        A model without HBN layers has no statistics step: nothing is asked, nothing fails.
+        """
         if not self.hbn_layers:
-            return {}, 0.0
+            return steps.settle({}, [], round_number=round_index + 1, step=step), 0.0
 
         def collect(client: Client) -> StatisticsReport:
             return client.collect_statistics(
@@ -259,7 +263,7 @@ class Simulation:
         def check(report: StatisticsReport) -> None:
             protocol.check_report(report, self.hbn_layers)
 
-        return self._each_client(round_index, step, sampled, collect, check, faults, progress)
+        return self._each_client(round_index, step, sampled, collect, check, progress)
 
     def _training_step(
         self,
@@ -267,14 +271,13 @@ class Simulation:
         round_index: int,
         sampled: list[Client],
         lr: float,
-        faults: list[Fault],
         progress: Progress | None,
-    ) -> tuple[dict[int, Update], float]:
+    ) -> tuple[Settled[Update], float]:
         """Every sampled client's checked update from local training on ``state``."""
         send_personal = protocol.sends_personal(self.config)
         roles = (Role.SHARED, Role.PERSONAL) if send_personal else (Role.SHARED,)
         sent_names = select(self.layout, *roles)
-        freeze_statistics = protocol.freezes_statistics(self.config, round_index)
+        sent_like = {**state.global_state, **state.personal_average}
 
         def fit(client: Client) -> Update:
             return client.fit(
@@ -284,11 +287,9 @@ class Simulation:
                 self.config.train,
                 lr=lr,
                 send_personal=send_personal,
-                freeze_statistics=freeze_statistics,
+                freeze_statistics=protocol.freezes_statistics(self.config, round_index),
                 rng=self._rng(Stream.TRAINING, round_index, client.client_id),
             )
-
-        sent_like = {**state.global_state, **state.personal_average}
 
         def check(update: Update) -> None:
             protocol.check_update(
@@ -300,7 +301,7 @@ class Simulation:
                 train_loss=update.train_loss,
             )
 
-        return self._each_client(round_index, "training", sampled, fit, check, faults, progress)
+        return self._each_client(round_index, "training", sampled, fit, check, progress)
 
     def _each_client(
         self,
@@ -309,19 +310,14 @@ class Simulation:
         sampled: list[Client],
         work: Callable[[Client], Result],
         check: Callable[[Result], None],
-        faults: list[Fault],
         progress: Progress | None,
-    ) -> tuple[dict[int, Result], float]:
-        """``work`` for each client, checked; a client that fails is recorded in ``faults``.
+    ) -> tuple[Settled[Result], float]:
+        """``work`` for each client, its result checked, settled; and the seconds of ``work``.
 
-        Returns the valid results by client id and the seconds spent in ``work``.
-
-        Raises
-        ------
-        federation.protocol.RoundFailedError
-            If fewer than ``min_clients`` clients succeed.
+        A client whose work or check raises is a fault of the step
+        (:func:`federation.steps.settle`).
         """
-        results: dict[int, Result] = {}
+        outcomes: dict[int, Result | Exception] = {}
         seconds = 0.0
         for client in sampled:
             try:
@@ -329,27 +325,13 @@ class Simulation:
                 result = work(client)
                 seconds += time.perf_counter() - start
                 check(result)
-                results[client.client_id] = result
+                outcomes[client.client_id] = result
             except Exception as error:  # a client's failure must not end the run
-                reason = f"{type(error).__name__}: {error}"
-                logger.warning(
-                    "round %d: client %d left out of the %s step: %s",
-                    round_index + 1,
-                    client.client_id,
-                    step,
-                    reason,
-                )
-                faults.append(Fault(round_index + 1, client.client_id, step, reason))
+                outcomes[client.client_id] = error
             if progress is not None:
                 progress(step, client)
-        protocol.require_enough(
-            len(results),
-            self.config.clients.min_clients,
-            round_number=round_index + 1,
-            step=step,
-            faults=[f"client {f.client}: {f.reason}" for f in faults if f.step == step],
-        )
-        return results, seconds
+        ids = [c.client_id for c in sampled]
+        return steps.settle(outcomes, ids, round_number=round_index + 1, step=step), seconds
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -358,29 +340,34 @@ class Simulation:
         state: FederationState,
         round_index: int,
         sampled: list[Client],
-        trained: list[int],
-        faults: list[Fault],
-    ) -> dict[str, Any]:
-        """The round's evaluation fields of its record; a failure is recorded, not raised."""
+        trained: Mapping[int, Update],
+    ) -> tuple[dict[str, Any], tuple[Fault, ...]]:
+        """The round's evaluation fields of its record, and the faults of its statistics pass.
+
+        A failure is recorded (``evaluation_error``), not raised: the round's training stands.
+        """
         if not protocol.evaluates(self.config, round_index):
-            return {}
+            return {}, ()
         measured: dict[str, Any] = {}
+        faults: list[Fault] = []
         try:
             measured["accuracy"], measured["loss"] = self.evaluate(
                 state, round_index, sampled, faults
             )
             if self.config.eval.personal:
-                clients = [self.clients[i] for i in trained]
-                measured["personal_accuracy"] = self.personal_accuracy(state, round_index, clients)
+                accuracies = [
+                    self._personal_accuracy(state, round_index, i) for i in sorted(trained)
+                ]
+                measured["personal_accuracy"] = float(np.mean(accuracies))
         except Exception as error:  # the round's training stands; its record says why
-            reason = f"{type(error).__name__}: {error}"
+            reason = steps.fault_reason(error)
             logger.warning(
                 "round %d: evaluation failed (the round's training is kept): %s",
                 round_index + 1,
                 reason,
             )
             measured["evaluation_error"] = reason
-        return measured
+        return measured, tuple(faults)
 
     def evaluate(
         self, state: FederationState, round_index: int, sampled: list[Client], faults: list[Fault]
@@ -395,33 +382,40 @@ class Simulation:
         """
         weights = {**state.global_state, **state.personal_average}
         if self.config.eval.statistics == "sync" and self.hbn_layers:
-            reports, _ = self._statistics_step(
+            synced, _ = self._statistics_step(
                 state,
                 round_index,
                 sampled,
-                faults,
                 None,
                 stream=Stream.SYNC_STATISTICS,
                 step="evaluation statistics",
             )
+            faults += synced.faults
+            reports = steps.require(synced, self.config.clients.min_clients)
             pooled = protocol.pool_statistics(list(reports.values()), self.config.statistics)
             weights |= protocol.statistics_state(pooled, self.hbn_layers, state.global_state)
+        return self._accuracy(weights, np.arange(len(self.data.y_test)))
+
+    def _accuracy(self, weights: State, indices: np.ndarray) -> tuple[float, float]:
+        """Accuracy and mean loss of the evaluation model with ``weights`` on test examples."""
         model = self.models[self.config.eval_framework]
         load_state(model, weights)
-        result = model.evaluate(self._test_batches(np.arange(len(self.data.y_test))))
+        result = model.evaluate(
+            batches(
+                self.data.x_test,
+                self.data.y_test,
+                indices,
+                batch_size=self.config.eval.batch_size,
+                rng=None,
+            )
+        )
         return result.correct / result.examples, result.loss_sum / result.examples
 
-    def personal_accuracy(
-        self, state: FederationState, round_index: int, clients: list[Client]
-    ) -> float:
-        """The mean accuracy of ``clients``' personalised models on their local test splits."""
-        model = self.models[self.config.eval_framework]
-        accuracies = []
-        for client in clients:
-            load_state(model, self._client_state(state, client))
-            result = model.evaluate(self._test_batches(self._local_test_split(round_index, client)))
-            accuracies.append(result.correct / result.examples)
-        return float(np.mean(accuracies))
+    def _personal_accuracy(self, state: FederationState, round_index: int, client: int) -> float:
+        """A client's personalised model's accuracy on its local test split (FedBN's)."""
+        chosen = self.clients[client]
+        split = self._local_test_split(round_index, chosen)
+        return self._accuracy(self._client_state(state, chosen), split)[0]
 
     def _local_test_split(self, round_index: int, client: Client) -> np.ndarray:
         return protocol.local_test_split(
@@ -429,15 +423,6 @@ class Simulation:
             self.data.y_test,
             self.config.eval.personal_examples,
             self._rng(Stream.LOCAL_TEST, round_index, client.client_id),
-        )
-
-    def _test_batches(self, indices: np.ndarray) -> Iterator[Batch]:
-        return batches(
-            self.data.x_test,
-            self.data.y_test,
-            indices,
-            batch_size=self.config.eval.batch_size,
-            rng=None,
         )
 
 

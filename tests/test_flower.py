@@ -43,8 +43,7 @@ from federation.flower import (  # noqa: E402
     make_client_app,
     make_server_app,
 )
-from federation.flower.strategy import _first_replies  # noqa: E402
-from federation.flower.wire import STATISTICS_MESSAGE_TYPE  # noqa: E402
+from federation.flower.wire import STATISTICS_MESSAGE_TYPE, first_replies  # noqa: E402
 from federation.layout import Role, select  # noqa: E402
 from federation.models import ModelSpec  # noqa: E402
 from federation.simulation import RoundFailedError, Simulation  # noqa: E402
@@ -529,7 +528,7 @@ def test_replies_from_unsampled_nodes_and_second_replies_are_left_out(caplog):
     unreachable = reply(superlink, error=True, reply_to="m3")
     sent = [message("m1", 1), message("m2", 2), message("m3", 3)]
     with caplog.at_level(logging.WARNING, logger="federation"):
-        kept = _first_replies([first, other, again, stranger, unreachable], (1, 2, 3), sent)
+        kept = first_replies([first, other, again, stranger, unreachable], (1, 2, 3), sent)
     assert kept == {1: first, 2: other, 3: unreachable}
     assert "a second reply from node 1 is ignored" in caplog.text
     assert "a reply from node 9, which was not sampled, is ignored" in caplog.text

@@ -165,7 +165,9 @@ def _write_results(
     path = pathlib.Path(out_dir)
     if arrays is not None:
         state: State = state_from_record(arrays)
-        write_atomically(path / "global_state.npz", lambda stream: np.savez(stream, **state))
+        write_atomically(
+            path / "global_state.npz", lambda stream: np.savez(stream, allow_pickle=False, **state)
+        )
     rounds: list[dict[str, Any]] = []
     for record in strategy.history:
         fields = dataclasses.asdict(record)

@@ -19,9 +19,10 @@ with the same configuration, so a Flower run and an embedded run train the same 
 from __future__ import annotations
 
 import functools
+import importlib
 import pathlib
 import zipfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
@@ -41,10 +42,10 @@ from federation.flower.wire import (
 )
 from federation.layout import Role, check_state, select
 from federation.models import ModelSpec, build_model
-from federation.protocol import Stream, seeded_rng
+from federation.protocol import StatisticsReport, Stream, seeded_rng
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from flwr.app import Context
     from flwr.clientapp.typing import Mod
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     from federation.config import Config
     from federation.data import Dataset
     from federation.layout import Layout, State
-    from federation.models import FrameworkModel
+    from federation.models import CollectionMode, FrameworkModel
 
 __all__ = [
     "PERSONAL_KEY",
@@ -60,6 +61,8 @@ __all__ = [
     "load_personal_state",
     "make_client_app",
     "personal_state_path",
+    "received",
+    "register_statistics_query",
     "save_personal_state",
 ]
 
@@ -131,27 +134,106 @@ class _Node:
 
     def received(self, message: Message) -> tuple[State, int, dict[str, object]]:
         """The message's global state (checked), round index (from 0) and config."""
-        content = message.content
-        if len(content.array_records) != 1 or len(content.config_records) != 1:
-            msg = (
-                "an HBN message must hold one ArrayRecord and one ConfigRecord; got "
-                f"{len(content.array_records)} and {len(content.config_records)}."
-            )
-            raise ValueError(msg)
-        (arrays,) = content.array_records.values()
-        (config,) = content.config_records.values()
-        state = state_from_record(arrays)
-        layout = self.model.layout
-        check_state(state, layout, names=select(layout, Role.SHARED, Role.STATISTICS))
-        server_round = config.get("server-round")
-        if not isinstance(server_round, int) or server_round < 1:
-            msg = f"the message's `server-round` must be an integer >= 1; got {server_round!r}."
-            raise ValueError(msg)
-        return state, server_round - 1, dict(config)
+        return received(message, self.model.layout)
 
     def model_state(self, global_state: State) -> State:
         """The global state with this node's alpha (or the initial one)."""
         return protocol.model_state(global_state, self.personal, self.initial_personal)
+
+
+def received(message: Message, layout: Layout) -> tuple[State, int, dict[str, object]]:
+    """A server message's global state, round index (from 0) and config, checked.
+
+    The state must hold exactly the layout's ``shared`` and ``statistics`` tensors, in their
+    shapes; the config an integer ``server-round`` of at least 1.
+
+    Raises
+    ------
+    ValueError, TypeError
+        If the message does not hold one ArrayRecord and one ConfigRecord, or they do not
+        check.
+    """
+    content = message.content
+    if len(content.array_records) != 1 or len(content.config_records) != 1:
+        msg = (
+            "an HBN message must hold one ArrayRecord and one ConfigRecord; got "
+            f"{len(content.array_records)} and {len(content.config_records)}."
+        )
+        raise ValueError(msg)
+    (arrays,) = content.array_records.values()
+    (config,) = content.config_records.values()
+    state = state_from_record(arrays)
+    check_state(state, layout, names=select(layout, Role.SHARED, Role.STATISTICS))
+    server_round = config.get("server-round")
+    if not isinstance(server_round, int) or server_round < 1:
+        msg = f"the message's `server-round` must be an integer >= 1; got {server_round!r}."
+        raise ValueError(msg)
+    return state, server_round - 1, dict(config)
+
+
+# Each framework's layout and statistics step for a model of your own, in federation.models.
+_NATIVE = {
+    "torch": ("torch_model", "torch"),
+    "jax": ("jax_model", "flax"),
+    "keras": ("keras_model", "keras"),
+}
+
+
+def register_statistics_query(
+    app: ClientApp,
+    *,
+    framework: str,
+    model: Callable[[Context], Any],
+    batches: Callable[[Context], Iterable[Any]],
+    mode: CollectionMode = "hybrid",
+) -> None:
+    """Answer HBN's statistics query in a ClientApp of your own, with your model and data.
+
+    One call registers a ``query.hbn_statistics`` handler on ``app``. For each query it takes
+    ``model(context)`` (your torch module, Flax NNX module or Keras model with HBN layers,
+    holding this node's alpha), writes the global state the message carries into it, runs
+    ``batches(context)`` (your local model inputs, batch by batch) through it, and replies
+    with the exact moments of every HBN layer's input. The model's layout is
+    ``torch_layout``, ``flax_layout`` or ``keras_layout`` (:mod:`federation.models`), the one
+    to start :class:`~federation.flower.strategy.HBNStrategy` with. The node's client id in
+    the report is its ``partition-id`` where its ``node_config`` sets one, else its node id.
+
+    Parameters
+    ----------
+    app
+        Your ClientApp; your own ``train`` and ``evaluate`` handlers stay yours.
+    framework
+        ``"torch"``, ``"jax"`` (Flax NNX) or ``"keras"``.
+    model, batches
+        Called with the message's context for every query.
+    mode
+        How the HBN layers normalise while collecting (``statistics.mode``): ``"hybrid"``
+        as in training, or ``"global"``.
+
+    Raises
+    ------
+    ValueError
+        If ``framework`` or ``mode`` is not one of those.
+    """
+    if framework not in _NATIVE:
+        msg = f"`framework` must be one of {sorted(_NATIVE)}; got {framework!r}."
+        raise ValueError(msg)
+    if mode not in ("hybrid", "global"):
+        msg = f"`mode` must be 'hybrid' or 'global'; got {mode!r}."
+        raise ValueError(msg)
+    module_name, prefix = _NATIVE[framework]
+
+    @app.query(STATISTICS_ACTION)
+    def statistics(message: Message, context: Context) -> Message:
+        native = importlib.import_module(f"federation.models.{module_name}")
+        network = model(context)
+        state, _, _ = received(message, getattr(native, f"{prefix}_layout")(network))
+        moments, examples = getattr(native, f"{prefix}_moments")(
+            network, state, batches(context), mode=mode
+        )
+        client_id = context.node_config.get("partition-id", context.node_id)
+        report = StatisticsReport(moments, examples, examples)
+        return Message(report_content(report, int(client_id)), reply_to=message)
 
 
 def make_client_app(
@@ -218,10 +300,8 @@ def make_client_app(
             rng=here.rng(Stream.TRAINING, round_index),
         )
         here.keep_personal(context, update.personal)
-        metrics = {"num-examples": update.examples, "train-loss": update.train_loss}
-        content = RecordDict(
-            {"arrays": state_record(update.sent), "metrics": MetricRecord(metrics)}
-        )
+        metrics = MetricRecord({"num-examples": update.examples, "train-loss": update.train_loss})
+        content = RecordDict({"arrays": state_record(update.sent), "metrics": metrics})
         return Message(content, reply_to=message)
 
     @app.evaluate()
@@ -242,12 +322,14 @@ def make_client_app(
         if result.examples == 0:
             msg = f"client {here.client_id} has no test examples to evaluate on."
             raise ValueError(msg)
-        metrics = {
-            "num-examples": result.examples,
-            "accuracy": result.correct / result.examples,
-            "loss": result.loss_sum / result.examples,
-        }
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+        metrics = MetricRecord(
+            {
+                "num-examples": result.examples,
+                "accuracy": result.correct / result.examples,
+                "loss": result.loss_sum / result.examples,
+            }
+        )
+        return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
     return app
 
@@ -315,7 +397,7 @@ def save_personal_state(path: pathlib.Path, personal: State) -> None:
 
     A node killed while it writes leaves the previous file whole.
     """
-    write_atomically(path, lambda stream: np.savez(stream, **personal))
+    write_atomically(path, lambda stream: np.savez(stream, allow_pickle=False, **personal))
 
 
 def load_personal_state(path: pathlib.Path, layout: Layout) -> State:

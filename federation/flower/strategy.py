@@ -18,9 +18,10 @@ Each round of :class:`HBNStrategy` runs :mod:`federation.protocol`, as the embed
    moved by a server optimiser, and counters never travel.
 
 A node that fails, does not reply, or replies with an invalid report or update is logged with
-its reason (logger ``federation``) and left out of that step; a node's second reply to one
-message is ignored. With fewer than ``clients.min_clients`` valid nodes in a step,
-:class:`~federation.protocol.RoundFailedError` is raised and the global state stays as it was.
+its reason (logger ``federation``) and left out of that step (:func:`federation.steps.settle`,
+as in the embedded engine); a node's second reply to one message is ignored. With fewer than
+``clients.min_clients`` valid nodes in a step, :class:`~federation.protocol.RoundFailedError`
+is raised and the global state stays as it was.
 """
 
 from __future__ import annotations
@@ -29,26 +30,29 @@ import dataclasses
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from federation import protocol
-from federation.config import ConfigError
+from federation import protocol, steps
 from federation.flower.wire import (
-    FRAMEWORK_MISSING,
     STATISTICS_MESSAGE_TYPE,
+    NodeSetupError,
+    check_runs_on_flower,
+    first_replies,
+    raise_reply_error,
     read_report,
     state_from_record,
     state_record,
+    travelling_state,
+    with_arrays,
 )
-from federation.layout import Role, check_state, select
+from federation.layout import Role, select
 from federation.protocol import RoundFailedError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
 
     from flwr.app import ArrayRecord, MetricRecord
     from flwr.serverapp import Grid
@@ -57,18 +61,12 @@ if TYPE_CHECKING:
     from federation.config import Config
     from federation.layout import Layout, State
     from federation.protocol import GlobalStatistics, StatisticsReport
+    from federation.steps import Settled
 
 __all__ = ["FlowerRound", "HBNFedAvg", "HBNStrategy", "NodeFault", "NodeSetupError"]
 
 logger = logging.getLogger("federation")
-
-
-class NodeSetupError(RuntimeError):
-    """A node cannot build its partition's model (its framework is missing): the run stops.
-
-    A fault of one message would recur in every message to that node, so it is not left out
-    round after round; the run fails at the first step, naming the node and the framework.
-    """
+Read = TypeVar("Read")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +106,13 @@ class FlowerRound:
     evaluation_incomplete: bool = False
 
 
-class HBNStrategy:
+if TYPE_CHECKING:  # the type checker sees the base a mixin goes with
+    _FedAvgFamily = FedAvg
+else:
+    _FedAvgFamily = object
+
+
+class HBNStrategy(_FedAvgFamily):
     """Mixin that turns a Flower Message-API strategy into HBN rounds.
 
     Put it first among the bases: ``class HBNFedAdam(HBNStrategy, FedAdam): pass``. The base
@@ -148,9 +152,6 @@ class HBNStrategy:
         ``"fixbn"``, or ``server.momentum`` (Flower's FedAvgM is the base strategy for that).
     """
 
-    # What the mixin uses from the FedAvg family, declared for the type checker.
-    weighted_by_key: str
-
     def __init__(
         self,
         *,
@@ -159,7 +160,7 @@ class HBNStrategy:
         query_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
-        _check_supported(config)
+        check_runs_on_flower(config)
         kwargs.setdefault("fraction_train", config.clients.fraction)
         kwargs.setdefault("min_train_nodes", config.clients.min_clients)
         kwargs.setdefault("min_available_nodes", config.clients.min_clients)
@@ -187,7 +188,7 @@ class HBNStrategy:
         """Flower's run loop; its ``timeout`` also bounds the statistics query of every round."""
         timeout = kwargs.get("timeout", args[1] if len(args) > 1 else 3600.0)
         self._timeout = float(timeout)
-        result: Result = super().start(grid, initial_arrays, *args, **kwargs)  # type: ignore[misc]
+        result: Result = super().start(grid, initial_arrays, *args, **kwargs)
         return result
 
     def configure_train(
@@ -201,18 +202,18 @@ class HBNStrategy:
         """
         start = time.perf_counter()
         self._pending = None
-        state = self._travelling(state_from_record(arrays))
+        state = travelling_state(state_from_record(arrays), self.layout)
         arrays = state_record(state)
         lr = protocol.learning_rate(self.hbn_config.train, server_round - 1)
         train_config = ConfigRecord({**dict(config), "lr": lr})
         shared = state_record({name: state[name] for name in self.shared_names})
         messages = list(super().configure_train(server_round, shared, train_config, grid))
         nodes = tuple(m.metadata.dst_node_id for m in messages)
-        faults: list[NodeFault] = []
+        faults: tuple[NodeFault, ...] = ()
         statistics: GlobalStatistics = {}
         reports: dict[int, StatisticsReport] = {}
         if self.hbn_layers and messages:
-            reports = self._query_statistics(server_round, nodes, arrays, grid, faults)
+            reports, faults = self._query_statistics(server_round, nodes, arrays, grid)
             settings = self.hbn_config.statistics
             statistics = protocol.next_statistics(
                 state, list(reports.values()), settings, self.hbn_layers, server_round - 1
@@ -225,34 +226,13 @@ class HBNStrategy:
             statistics_nodes=tuple(sorted(reports)),
             statistics=statistics,
             seconds={"statistics": self._clock - start},
-            faults=tuple(faults),
+            faults=faults,
         )
         self._sent = state
         self._train_messages = messages  # the grid gives them their ids as it sends them
         for message in messages:
-            message.content = _with_arrays(message.content, arrays)
+            message.content = with_arrays(message.content, arrays)
         return messages
-
-    def _travelling(self, state: State) -> State:
-        """The ``shared`` and ``statistics`` tensors of ``state``, checked.
-
-        A whole model state is accepted (``ArrayRecord(model.state_dict())``): the layout's
-        roles decide what travels, so ``personal`` tensors (alpha, local running statistics)
-        and integer counters outside the layout (``num_batches_tracked``) are left out. Any
-        other tensor the layout does not know is refused, as a missing one is.
-        """
-        names = self.shared_names + self.statistics_names
-        unknown = [
-            name
-            for name in state
-            if name not in self.layout and not np.issubdtype(state[name].dtype, np.integer)
-        ]
-        if unknown:
-            msg = f"the global state holds tensors the layout does not know: {sorted(unknown)}."
-            raise ValueError(msg)
-        travelling = {name: state[name] for name in names if name in state}
-        check_state(travelling, self.layout, names=names)
-        return travelling
 
     def _query_statistics(
         self,
@@ -260,9 +240,8 @@ class HBNStrategy:
         nodes: tuple[int, ...],
         arrays: ArrayRecord,
         grid: Grid,
-        faults: list[NodeFault],
-    ) -> dict[int, StatisticsReport]:
-        """The nodes' checked reports, in the order of their client ids (as the embedded pool)."""
+    ) -> tuple[dict[int, StatisticsReport], tuple[NodeFault, ...]]:
+        """The nodes' checked reports, by client id (the embedded pool's order); the faults."""
         content = RecordDict(
             {"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}
         )
@@ -271,18 +250,20 @@ class HBNStrategy:
             for node in nodes
         ]
         timeout = self._timeout if self.query_timeout is None else self.query_timeout
-        replies = grid.send_and_receive(queries, timeout=timeout)
-        reports: dict[int, StatisticsReport] = {}
-        for node, reply in _first_replies(replies, nodes, queries).items():
-            try:
-                reports[node] = self._read_report(reply, node)
-            except (ValueError, TypeError) as error:
-                faults.append(self._fault(server_round, node, "statistics", error))
-        self._require_enough(server_round, "statistics", nodes, reports, faults)
-        return dict(sorted(reports.items(), key=lambda item: self.client_ids.get(item[0], item[0])))
+        replies = first_replies(grid.send_and_receive(queries, timeout=timeout), nodes, queries)
+        settled = steps.settle(
+            _outcomes(replies, self._read_report),
+            nodes,
+            round_number=server_round,
+            step="statistics",
+            participant="node",
+        )
+        reports = steps.require(settled, self.hbn_config.clients.min_clients)
+        ordered = sorted(reports.items(), key=lambda item: self.client_ids.get(item[0], item[0]))
+        return dict(ordered), _node_faults(settled)
 
-    def _read_report(self, reply: Message, node: int) -> StatisticsReport:
-        _raise_reply_error(reply)
+    def _read_report(self, node: int, reply: Message) -> StatisticsReport:
+        raise_reply_error(reply)
         report = read_report(reply.content, self.hbn_layers)
         protocol.check_report(report, self.hbn_layers)
         client_id = reply.content.metric_records["hbn-report"].get("client-id")
@@ -294,20 +275,20 @@ class HBNStrategy:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the valid replies' ``shared`` tensors (the base strategy), add statistics."""
-        record = self._pending
+        record, self._pending = self._pending, None
         if record is None or record.round != server_round:
             msg = f"round {server_round}: aggregate_train without its configure_train."
             raise RuntimeError(msg)
-        faults = list(record.faults)
-        valid: dict[int, Message] = {}
-        for node, reply in _first_replies(replies, record.sampled, self._train_messages).items():
-            try:
-                reply.content = self._shared_only(reply)
-            except (ValueError, TypeError) as error:
-                faults.append(self._fault(server_round, node, "training", error))
-            else:
-                valid[node] = reply
-        self._require_enough(server_round, "training", record.sampled, valid, faults)
+        received = first_replies(replies, record.sampled, self._train_messages)
+        settled = steps.settle(
+            _outcomes(received, self._shared_reply),
+            record.sampled,
+            round_number=server_round,
+            step="training",
+            participant="node",
+        )
+        faults = [*record.faults, *_node_faults(settled)]
+        valid = steps.require(settled, self.hbn_config.clients.min_clients)
         shared, metrics = super().aggregate_train(server_round, list(valid.values()))
         _log_count(server_round, "training", len(valid), record.sampled, faults)
         if shared is None:
@@ -316,9 +297,8 @@ class HBNStrategy:
         sent = self._sent
         state = {name: shared[name].numpy().astype(sent[name].dtype) for name in self.shared_names}
         state |= protocol.statistics_state(record.statistics, self.hbn_layers, sent)
-        train_loss = None
-        if metrics is not None and "train-loss" in metrics:
-            train_loss = float(metrics["train-loss"])
+        loss = None if metrics is None else metrics.get("train-loss")
+        train_loss = float(loss) if isinstance(loss, int | float) else None
         self.history.append(
             dataclasses.replace(
                 record,
@@ -328,16 +308,15 @@ class HBNStrategy:
                 faults=tuple(faults),
             )
         )
-        self._pending = None
         return state_record(state), metrics
 
-    def _shared_only(self, reply: Message) -> RecordDict:
-        """The reply's content with its ArrayRecord cut down to the checked ``shared`` tensors.
+    def _shared_reply(self, _node: int, reply: Message) -> Message:
+        """The reply, its ArrayRecord cut down to the checked ``shared`` tensors.
 
         Statistics, alpha and counters (``num_batches_tracked``) a client may have sent are
         dropped here, before any averaging.
         """
-        _raise_reply_error(reply)
+        raise_reply_error(reply)
         content = reply.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             msg = (
@@ -358,7 +337,8 @@ class HBNStrategy:
             like=self._sent,
             train_loss=metrics.get("train-loss"),
         )
-        return _with_arrays(content, state_record(shared), key=array_key)
+        reply.content = with_arrays(content, state_record(shared), key=array_key)
+        return reply
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -397,42 +377,25 @@ class HBNStrategy:
             )
         return metrics
 
-    # -- faults ------------------------------------------------------------------------------
 
-    def _fault(self, server_round: int, node: int, step: str, error: Exception | str) -> NodeFault:
-        reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        logger.warning(
-            "round %d: node %d left out of the %s step: %s", server_round, node, step, reason
-        )
-        return NodeFault(server_round, node, step, reason)
+def _outcomes(
+    replies: Mapping[int, Message], read: Callable[[int, Message], Read]
+) -> dict[int, Read | Exception]:
+    """Each node's reply as ``read(node, reply)`` reads and checks it, or its fault's error.
 
-    def _require_enough(
-        self,
-        server_round: int,
-        step: str,
-        sampled: tuple[int, ...],
-        valid: Mapping[int, object],
-        faults: list[NodeFault],
-    ) -> None:
-        """Record the sampled nodes that did not reply, then apply the fault policy."""
-        answered = valid.keys() | {f.node_id for f in faults if f.step == step}
-        faults += [
-            self._fault(server_round, node, step, "no reply before the timeout")
-            for node in sampled
-            if node not in answered
-        ]
+    A :class:`NodeSetupError` is not caught: it ends the run.
+    """
+    outcomes: dict[int, Read | Exception] = {}
+    for node, reply in replies.items():
         try:
-            protocol.require_enough(
-                len(valid),
-                self.hbn_config.clients.min_clients,
-                round_number=server_round,
-                step=step,
-                faults=[f"node {f.node_id}: {f.reason}" for f in faults if f.step == step],
-                participants="nodes",
-            )
-        except RoundFailedError:
-            self._pending = None
-            raise
+            outcomes[node] = read(node, reply)
+        except (ValueError, TypeError) as error:
+            outcomes[node] = error
+    return outcomes
+
+
+def _node_faults(settled: Settled[Any]) -> tuple[NodeFault, ...]:
+    return tuple(NodeFault(f.round, f.client, f.step, f.reason) for f in settled.faults)
 
 
 def _log_count(
@@ -456,92 +419,8 @@ def _log_count(
     )
 
 
-def _raise_reply_error(reply: Message) -> None:
-    """Raise if ``reply`` is an error.
-
-    :class:`NodeSetupError` for a node without its framework, :class:`ValueError` (a fault of
-    this node and step) otherwise.
-    """
-    if not reply.has_error():
-        return
-    reason = reply.error.reason
-    if FRAMEWORK_MISSING in reason:
-        msg = f"node {reply.metadata.src_node_id} cannot run: {reason}"
-        raise NodeSetupError(msg)
-    msg = f"the node replied with an error: {reason}"
-    raise ValueError(msg)
-
-
-def _first_replies(
-    replies: Iterable[Message], nodes: tuple[int, ...], sent: Iterable[Message]
-) -> dict[int, Message]:
-    """Each sampled node's first reply, by node: a reply delivered twice counts once.
-
-    An error the SuperLink sends on a node's behalf (node unavailable, message expired) comes
-    from the SuperLink's own node id; it is the node's reply to the ``sent`` message it
-    answers (``reply_to_message_id``). Replies from nodes that were not sent the message are
-    left out and logged.
-    """
-    recipients = {
-        m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id
-    }
-    first: dict[int, Message] = {}
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        if node not in nodes and reply.has_error():
-            node = recipients.get(reply.metadata.reply_to_message_id, node)
-        if node not in nodes:
-            logger.warning("a reply from node %d, which was not sampled, is ignored", node)
-        elif node in first:
-            logger.warning("a second reply from node %d is ignored", node)
-        else:
-            first[node] = reply
-    return first
-
-
 class HBNFedAvg(HBNStrategy, FedAvg):
     """HBN rounds over :class:`flwr.serverapp.strategy.FedAvg` (see :class:`HBNStrategy`)."""
-
-
-# Methods whose rounds need more than the HBN round of this strategy.
-_EMBEDDED_ONLY_METHODS = {
-    "fedbn": "its evaluation averages personal BatchNorm tensors",
-    "fixbn": "its clients switch to frozen statistics at a round",
-}
-
-
-def _check_supported(config: Config) -> None:
-    if config.method in _EMBEDDED_ONLY_METHODS:
-        msg = (
-            f"`method` {config.method!r} runs in the embedded simulation only, not on Flower: "
-            f"{_EMBEDDED_ONLY_METHODS[config.method]}."
-        )
-        raise ConfigError(msg)
-    if config.server.momentum:
-        msg = (
-            "`server.momentum` must be 0 on Flower: use Flower's FedAvgM as the base strategy "
-            f"instead; got {config.server.momentum!r}."
-        )
-        raise ConfigError(msg)
-    if config.alpha.policy != "personal":
-        msg = (
-            "`alpha.policy` must be 'personal' on Flower: alpha stays on its node; "
-            f"got {config.alpha.policy!r}."
-        )
-        raise ConfigError(msg)
-    if config.eval.statistics != "ema":
-        msg = (
-            "`eval.statistics` must be 'ema' on Flower (nodes evaluate the global model as "
-            f"sent): set it in the configuration; got {config.eval.statistics!r}."
-        )
-        raise ConfigError(msg)
-
-
-def _with_arrays(content: RecordDict, arrays: ArrayRecord, *, key: str | None = None) -> RecordDict:
-    """``content`` with its (single) ArrayRecord replaced by ``arrays``."""
-    if key is None:
-        (key,) = content.array_records
-    return RecordDict({**{k: v for k, v in content.items() if k != key}, key: arrays})
 
 
 def _metric(metrics: MetricRecord, name: str) -> float | None:

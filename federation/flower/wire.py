@@ -16,15 +16,17 @@ options of the Flower server app (see :class:`ServerOptions`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 import tempfile
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from federation.config import at_least, build_section, option, parse_config
+from federation.config import ConfigError, at_least, build_section, option, parse_config
+from federation.layout import Role, check_state, select
 from federation.protocol import StatisticsReport
 from hbn_core import Moments
 
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
     from federation.config import Config
-    from federation.layout import State
+    from federation.layout import Layout, State
 
 __all__ = [
     "FRAMEWORK_MISSING",
@@ -42,14 +44,22 @@ __all__ = [
     "STATISTICS_ACTION",
     "STATISTICS_KEY",
     "STATISTICS_MESSAGE_TYPE",
+    "NodeSetupError",
     "ServerOptions",
+    "check_runs_on_flower",
     "config_from_run_config",
+    "first_replies",
+    "raise_reply_error",
     "read_report",
     "report_content",
     "state_from_record",
     "state_record",
+    "travelling_state",
+    "with_arrays",
     "write_atomically",
 ]
+
+logger = logging.getLogger("federation")
 
 STATISTICS_ACTION = "hbn_statistics"
 STATISTICS_MESSAGE_TYPE = f"query.{STATISTICS_ACTION}"
@@ -185,7 +195,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Serve
     return parse_config(table), options
 
 
-def write_atomically(path: pathlib.Path, write: Callable[[BinaryIO], None]) -> None:
+def write_atomically(path: pathlib.Path, write: Callable[[BinaryIO], object]) -> None:
     """Create or replace ``path`` with what ``write`` writes to a stream, all or nothing.
 
     ``write`` fills a temporary file in the same folder, which then replaces ``path`` in one
@@ -200,3 +210,131 @@ def write_atomically(path: pathlib.Path, write: Callable[[BinaryIO], None]) -> N
     except BaseException:
         pathlib.Path(temporary).unlink(missing_ok=True)
         raise
+
+
+class NodeSetupError(RuntimeError):
+    """A node cannot build its partition's model (its framework is missing): the run stops.
+
+    A fault of one message would recur in every message to that node, so it is not left out
+    round after round; the run fails at the first step, naming the node and the framework.
+    """
+
+
+def raise_reply_error(reply: Message) -> None:
+    """Raise if ``reply`` is an error.
+
+    :class:`NodeSetupError` for a node without its framework, :class:`ValueError` (a fault of
+    this node and step) otherwise.
+    """
+    if not reply.has_error():
+        return
+    reason = reply.error.reason or ""
+    if FRAMEWORK_MISSING in reason:
+        msg = f"node {reply.metadata.src_node_id} cannot run: {reason}"
+        raise NodeSetupError(msg)
+    msg = f"the node replied with an error: {reason}"
+    raise ValueError(msg)
+
+
+def first_replies(
+    replies: Iterable[Message], nodes: tuple[int, ...], sent: Iterable[Message]
+) -> dict[int, Message]:
+    """Each sampled node's first reply, by node: a reply delivered twice counts once.
+
+    An error the SuperLink sends on a node's behalf (node unavailable, message expired) comes
+    from the SuperLink's own node id; it is the node's reply to the ``sent`` message it
+    answers (``reply_to_message_id``). Replies from nodes that were not sent the message are
+    left out and logged.
+    """
+    recipients = {
+        m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id
+    }
+    first: dict[int, Message] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if node not in nodes and reply.has_error():
+            node = recipients.get(reply.metadata.reply_to_message_id, node)
+        if node not in nodes:
+            logger.warning("a reply from node %d, which was not sampled, is ignored", node)
+        elif node in first:
+            logger.warning("a second reply from node %d is ignored", node)
+        else:
+            first[node] = reply
+    return first
+
+
+def with_arrays(content: RecordDict, arrays: ArrayRecord, *, key: str | None = None) -> RecordDict:
+    """``content`` with its (single) ArrayRecord replaced by ``arrays``."""
+    if key is None:
+        (key,) = content.array_records
+    return RecordDict({**{k: v for k, v in content.items() if k != key}, key: arrays})
+
+
+def travelling_state(state: State, layout: Layout) -> State:
+    """The ``shared`` and ``statistics`` tensors of ``state``, checked against ``layout``.
+
+    A whole model state is accepted (``ArrayRecord(model.state_dict())``): the layout's
+    roles decide what travels, so ``personal`` tensors (alpha, local running statistics)
+    and integer counters outside the layout (``num_batches_tracked``) are left out. Any
+    other tensor the layout does not know is refused, as a missing one is.
+
+    Raises
+    ------
+    ValueError, TypeError
+        If ``state`` holds a floating tensor the layout does not know, or lacks or misshapes
+        one that travels (:func:`federation.layout.check_state`).
+    """
+    names = select(layout, Role.SHARED, Role.STATISTICS)
+    unknown = [
+        name
+        for name in state
+        if name not in layout and not np.issubdtype(state[name].dtype, np.integer)
+    ]
+    if unknown:
+        msg = f"the global state holds tensors the layout does not know: {sorted(unknown)}."
+        raise ValueError(msg)
+    travelling = {name: state[name] for name in names if name in state}
+    check_state(travelling, layout, names=names)
+    return travelling
+
+
+# Methods whose rounds need more than the HBN round of the Flower strategy.
+_EMBEDDED_ONLY_METHODS = {
+    "fedbn": "its evaluation averages personal BatchNorm tensors",
+    "fixbn": "its clients switch to frozen statistics at a round",
+}
+
+
+def check_runs_on_flower(config: Config) -> None:
+    """Refuse what :class:`~federation.flower.strategy.HBNStrategy` cannot run.
+
+    Raises
+    ------
+    federation.config.ConfigError
+        For ``method = "fedbn"`` or ``"fixbn"``, ``server.momentum``, ``alpha.policy =
+        "averaged"`` or ``eval.statistics = "sync"``, naming the option.
+    """
+    if config.method in _EMBEDDED_ONLY_METHODS:
+        msg = (
+            f"`method` {config.method!r} runs in the embedded simulation only, not on Flower: "
+            f"{_EMBEDDED_ONLY_METHODS[config.method]}."
+        )
+        raise ConfigError(msg)
+    if config.server.momentum:
+        msg = (
+            "`server.momentum` must be 0 on Flower: use Flower's FedAvgM as the base strategy "
+            f"instead; got {config.server.momentum!r}."
+        )
+        raise ConfigError(msg)
+    if config.alpha.policy != "personal":
+        msg = (
+            "`alpha.policy` must be 'personal' on Flower: alpha stays on its node; "
+            f"got {config.alpha.policy!r}."
+        )
+        raise ConfigError(msg)
+    if config.eval.statistics != "ema":
+        msg = (
+            "`eval.statistics` must be 'ema' on Flower (nodes evaluate the global model as "
+            f"sent): set it in the configuration; got {config.eval.statistics!r}."
+        )
+        raise ConfigError(msg)
