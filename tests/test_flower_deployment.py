@@ -746,6 +746,92 @@ def test_a_converted_torch_models_state_dict_starts_the_strategy_with_roles_deci
         travelling_state(state, layout)
 
 
+def doc_block(language: str, marker: str) -> str:
+    """The one ``language`` code block of docs/flower.md that holds ``marker``."""
+    text = (ROOT / "docs" / "flower.md").read_text()
+    blocks = re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    (block,) = [block for block in blocks if marker in block]
+    return block
+
+
+def test_the_documented_app_of_your_own_runs_and_pools_its_nodes_exactly():
+    """docs/flower.md's own-app example, as written there, on three nodes in this process."""
+    import torch
+
+    namespace: dict = {"__name__": "my_app"}
+    exec(compile(doc_block("python", "# my_app.py"), "docs/flower.md", "exec"), namespace)
+    strategies, results = [], []
+
+    class Recording(namespace["HBNFedAvg"]):
+        def start(self, *args, **kwargs):
+            strategies.append(self)
+            results.append(super().start(*args, **kwargs))
+            return results[-1]
+
+    namespace["HBNFedAvg"] = Recording  # what main() builds its strategy with
+    run_config = {
+        "num-server-rounds": 3,  # the app's own keys, which HBN leaves alone
+        "local-epochs": 1,
+        "hbn.rounds": 2,
+        "hbn.data.num_clients": 3,
+        "hbn.clients.min_clients": 3,
+        "hbn.statistics.momentum": 1.0,  # round 1's statistics are then the pool itself
+        "hbn.flower.timeout": 60.0,
+    }
+    grid = LocalGrid(namespace["client_app"], 3)
+    for node, context in grid.contexts.items():
+        grid.contexts[node] = Context(
+            run_id=1,
+            node_id=node,
+            node_config=context.node_config,
+            state=RecordDict(),
+            run_config=run_config,
+        )
+    server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    namespace["server_app"](grid, server)
+
+    (strategy,), (result,) = strategies, results
+    assert [r.round for r in strategy.history] == [1, 2]
+    assert all(r.faults == () and r.accuracy is not None for r in strategy.history)
+    # The oracle: float64 moments of the first layer's output over the union of the nodes' data.
+    from sklearn.datasets import load_digits
+
+    model = namespace["make_model"]()
+    weight, bias = (t.detach().double().numpy() for t in (model[0].weight, model[0].bias))
+    hidden = load_digits().data / 16 @ weight.T + bias
+    mean, var = strategy.history[0].statistics["1"]
+    np.testing.assert_allclose(mean, hidden.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, hidden.var(0), rtol=1e-5, atol=1e-6)
+    # The roles decided what travelled; alpha trained on each node and stayed there.
+    layout = namespace["torch_layout"](model)
+    assert set(result.arrays) == set(select(layout, Role.SHARED, Role.STATISTICS))
+    for context in grid.contexts.values():
+        kept = context.state["alpha"].to_torch_state_dict()
+        assert (
+            set(kept)
+            == set(select(layout, Role.PERSONAL))
+            == {
+                "1.alpha",
+                "1.running_mean",
+                "1.running_var",
+            }
+        )
+        assert not torch.equal(kept["1.alpha"], model[1].alpha.detach())
+
+
+def test_the_statistics_query_refuses_an_unknown_framework_or_mode():
+    from flwr.clientapp import ClientApp
+
+    from federation.flower import register_statistics_query
+
+    with pytest.raises(ValueError, match=r"`framework` must be one of .*got 'mxnet'"):
+        register_statistics_query(ClientApp(), framework="mxnet", model=id, batches=list)
+    with pytest.raises(ValueError, match=r"`mode` must be 'hybrid' or 'global'; got 'batch'"):
+        register_statistics_query(
+            ClientApp(), framework="torch", model=id, batches=list, mode="batch"
+        )
+
+
 class UnavailableGrid(LocalGrid):
     """Gives messages ids as Flower's grid does; the SuperLink answers for node 2, now gone."""
 

@@ -8,7 +8,8 @@ imports Flower.
   statistics query, exact pooling, then training on the same nodes, with statistics kept out of
   weight averaging and server optimisers.
 - :func:`make_client_app` wraps the federation's torch, Flax NNX or Keras clients; alpha stays
-  in each node's ``context.state``.
+  in each node's ``context.state``. :func:`register_statistics_query` adds HBN's statistics
+  query to a ClientApp of your own, with your model and data.
 - :mod:`federation.flower.app` holds ``server_app`` and ``client_app`` for ``flwr run``, and
   :func:`make_server_app`.
 
@@ -17,7 +18,7 @@ deployment.
 """
 
 from federation.flower.app import make_server_app
-from federation.flower.client_app import make_client_app
+from federation.flower.client_app import make_client_app, register_statistics_query
 from federation.flower.strategy import FlowerRound, HBNFedAvg, HBNStrategy, NodeFault
 from federation.flower.wire import ServerOptions, config_from_run_config
 
@@ -30,4 +31,5 @@ __all__ = [
     "config_from_run_config",
     "make_client_app",
     "make_server_app",
+    "register_statistics_query",
 ]

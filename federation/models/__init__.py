@@ -34,6 +34,7 @@ __all__ = [
     "SGDConfig",
     "TrainResult",
     "build_model",
+    "native_tensor_spec",
     "trainable_batches",
 ]
 
@@ -336,3 +337,25 @@ def build_model(framework: str, spec: ModelSpec, *, seed: int) -> FrameworkModel
         raise ImportError(msg) from error
     model: FrameworkModel = module.build(spec, seed=seed)
     return model
+
+
+_KINDS = {4: Kind.CONV_KERNEL, 2: Kind.DENSE_KERNEL}
+
+
+def native_tensor_spec(
+    shape: tuple[int, ...], *, hbn: HBNTensor | None = None, personal: bool = False
+) -> TensorSpec:
+    """The spec of one tensor of a model of your own, named and shaped as its framework does.
+
+    What the layouts of your own models (``torch_layout``, ``flax_layout``, ``keras_layout``)
+    give each tensor: an HBN layer's ``global_mean`` and ``global_var`` (``hbn``) are
+    ``statistics`` and its ``alpha`` is ``personal``; ``personal`` marks any other tensor that
+    stays on its node (an HBN layer's local running statistics); every other tensor is
+    ``shared``. 4-D tensors are conv kernels and 2-D ones dense kernels, the rest vectors; the
+    shapes stay the framework's, so such a layout serves nodes of that framework.
+    """
+    kind = _KINDS.get(len(shape), Kind.VECTOR)
+    if hbn is not None:
+        role = Role.PERSONAL if hbn.part is HBNPart.ALPHA else Role.STATISTICS
+        return TensorSpec(shape, role, kind, hbn=hbn)
+    return TensorSpec(shape, Role.PERSONAL if personal else Role.SHARED, kind)

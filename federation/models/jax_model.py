@@ -44,7 +44,7 @@ import optax
 from flax import nnx
 
 from backends import flax as hbn_flax
-from federation.layout import from_channels_last, to_channels_last
+from federation.layout import HBNPart, HBNTensor, Layout, from_channels_last, to_channels_last
 from federation.models import (
     GROUPS,
     Batch,
@@ -53,16 +53,17 @@ from federation.models import (
     ModelSpec,
     SGDConfig,
     TrainResult,
+    native_tensor_spec,
     trainable_batches,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
 
     from federation.models import LayerSpec
     from hbn_core import Moments
 
-__all__ = ["FixedAlpha", "JaxModel", "build"]
+__all__ = ["FixedAlpha", "JaxModel", "build", "flax_layout", "flax_moments"]
 
 # Flax's attribute for each canonical tensor name that differs from it, by layer kind.
 _FLAX_NAMES = {
@@ -334,3 +335,75 @@ class JaxModel:
 def build(spec: ModelSpec, *, seed: int) -> JaxModel:
     """Build ``spec`` in Flax NNX, its initial weights drawn from ``seed``."""
     return JaxModel(spec, seed=seed)
+
+
+def _flax_variables(model: nnx.Module) -> dict[str, nnx.Variable[Any]]:
+    """``model``'s floating-point variables by dotted path (``"block.norm.alpha"``)."""
+    return {
+        ".".join(map(str, path)): variable
+        for path, variable in nnx.to_flat_state(nnx.state(model))
+        if jnp.issubdtype(variable[...].dtype, jnp.floating)
+    }
+
+
+def flax_layout(model: nnx.Module) -> Layout:
+    """The canonical layout of a Flax NNX model of your own with HBN layers.
+
+    Names are the variables' dotted paths in ``nnx.state(model)`` (``"norm.alpha"``), shapes
+    are Flax's (channels-last kernels: the layout serves Flax nodes). Each
+    :class:`backends.flax.HybridBatchNorm`'s ``global_mean`` and ``global_var`` are
+    ``statistics``, its ``alpha`` ``personal``, every other floating variable ``shared``
+    (:func:`federation.models.native_tensor_spec`); RNG keys and counters are left out.
+    """
+    layers = {name for name, _ in hbn_flax.hbn_layers(model)}
+    layout: Layout = {}
+    for name, variable in _flax_variables(model).items():
+        layer, _, local = name.rpartition(".")
+        hbn = HBNTensor(layer, HBNPart(local)) if layer in layers and local in _HBN_PARTS else None
+        layout[name] = native_tensor_spec(tuple(variable[...].shape), hbn=hbn)
+    return layout
+
+
+_HBN_PARTS = {part.value for part in HBNPart}
+
+
+def flax_moments(
+    model: nnx.Module,
+    state: Mapping[str, np.ndarray],
+    batches: Iterable[Any],
+    *,
+    mode: CollectionMode = "hybrid",
+) -> tuple[dict[str, Moments], int]:
+    """The statistics step on a Flax NNX model of your own: each HBN layer's input moments.
+
+    ``state`` (tensors by the dotted paths of :func:`flax_layout`) is written into ``model``
+    first, each cast to its variable's dtype; the model's other variables (its alpha) stay.
+    ``batches`` (model inputs) then run through :func:`backends.flax.collect_statistics`.
+
+    Returns
+    -------
+    tuple[dict[str, hbn_core.Moments], int]
+        The moments by HBN layer (NumPy) and the number of examples forwarded.
+
+    Raises
+    ------
+    ValueError
+        If ``state`` names a tensor ``model`` does not have.
+    """
+    variables = _flax_variables(model)
+    unknown = sorted(set(state) - set(variables))
+    if unknown:
+        msg = f"`state` must name floating variables of the model; unknown: {unknown}."
+        raise ValueError(msg)
+    for name, value in state.items():
+        variables[name][...] = jnp.asarray(value, variables[name][...].dtype)
+    examples = 0
+
+    def counted() -> Iterator[jax.Array]:
+        nonlocal examples
+        for batch in batches:
+            inputs = jnp.asarray(batch)
+            examples += len(inputs)
+            yield inputs
+
+    return hbn_flax.collect_statistics(model, counted(), mode=mode), examples

@@ -45,7 +45,7 @@ import numpy as np
 from keras import ops
 
 from backends import keras as hbn_keras
-from federation.layout import from_channels_last, to_channels_last
+from federation.layout import HBNPart, HBNTensor, Layout, from_channels_last, to_channels_last
 from federation.models import (
     GROUPS,
     Batch,
@@ -54,16 +54,24 @@ from federation.models import (
     ModelSpec,
     SGDConfig,
     TrainResult,
+    native_tensor_spec,
     trainable_batches,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
 
     from federation.models import LayerSpec
     from hbn_core import Moments
 
-__all__ = ["FeatureNormalization", "FreezableBatchNormalization", "KerasModel", "build"]
+__all__ = [
+    "FeatureNormalization",
+    "FreezableBatchNormalization",
+    "KerasModel",
+    "build",
+    "keras_layout",
+    "keras_moments",
+]
 
 # Keras' weight name for each canonical tensor name that differs from it, by layer kind.
 _KERAS_NAMES = {
@@ -370,3 +378,87 @@ class KerasModel:
 def build(spec: ModelSpec, *, seed: int) -> KerasModel:
     """Build ``spec`` in Keras 3, its initial weights drawn from ``seed``."""
     return KerasModel(spec, seed=seed)
+
+
+def _keras_variables(model: keras.layers.Layer) -> dict[str, keras.Variable]:
+    """``model``'s floating-point weights by their Keras path (``"sequential/hbn/alpha"``).
+
+    Raises
+    ------
+    ValueError
+        If two weights share a path (name the layers).
+    """
+    variables: dict[str, keras.Variable] = {}
+    for variable in model.weights:
+        if not np.issubdtype(np.dtype(variable.dtype), np.floating):
+            continue
+        if variable.path in variables:
+            msg = (
+                "the model's weights must have unique paths (name the layers); got "
+                f"{variable.path!r} twice."
+            )
+            raise ValueError(msg)
+        variables[variable.path] = variable
+    return variables
+
+
+def keras_layout(model: keras.layers.Layer) -> Layout:
+    """The canonical layout of a built Keras 3 model of your own with HBN layers.
+
+    Names are the weights' Keras paths (``"sequential/hbn/alpha"``), shapes are Keras'
+    (channels-last kernels: the layout serves Keras nodes). Each
+    :class:`backends.keras.HybridBatchNormalization`'s ``global_mean`` and ``global_var`` are
+    ``statistics``, its ``alpha`` ``personal``, every other floating weight ``shared``
+    (:func:`federation.models.native_tensor_spec`). The HBN layers take their names from
+    :func:`backends.keras.hbn_layers`, as the statistics they report do.
+    """
+    parts = {
+        id(getattr(layer, part.value)): HBNTensor(name, part)
+        for name, layer in hbn_keras.hbn_layers(model)
+        for part in HBNPart
+    }
+    return {
+        name: native_tensor_spec(tuple(variable.shape), hbn=parts.get(id(variable)))
+        for name, variable in _keras_variables(model).items()
+    }
+
+
+def keras_moments(
+    model: keras.layers.Layer,
+    state: Mapping[str, np.ndarray],
+    batches: Iterable[Any],
+    *,
+    mode: CollectionMode = "hybrid",
+) -> tuple[dict[str, Moments], int]:
+    """The statistics step on a Keras 3 model of your own: each HBN layer's input moments.
+
+    ``state`` (tensors by the paths of :func:`keras_layout`) is assigned to ``model``'s
+    weights first, each cast to its weight's dtype; the other weights (its alpha) stay.
+    ``batches`` (model inputs) then run through :func:`backends.keras.collect_statistics`.
+
+    Returns
+    -------
+    tuple[dict[str, hbn_core.Moments], int]
+        The moments by HBN layer (NumPy) and the number of examples forwarded.
+
+    Raises
+    ------
+    ValueError
+        If ``state`` names a weight ``model`` does not have.
+    """
+    variables = _keras_variables(model)
+    unknown = sorted(set(state) - set(variables))
+    if unknown:
+        msg = f"`state` must name floating weights of the model; unknown: {unknown}."
+        raise ValueError(msg)
+    for name, value in state.items():
+        variables[name].assign(np.asarray(value, variables[name].dtype))
+    examples = 0
+
+    def counted() -> Iterator[Any]:
+        nonlocal examples
+        for batch in batches:
+            examples += len(batch)
+            yield batch
+
+    return hbn_keras.collect_statistics(model, counted(), mode=mode), examples

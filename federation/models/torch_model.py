@@ -8,7 +8,7 @@ NCHW) are the canonical layouts, so this adapter converts only dtypes. HBN layer
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from torch import nn
 
 from backends import torch as hbn_torch
-from federation.layout import HBNPart, HBNTensor, Kind, Layout, Role, TensorSpec
+from federation.layout import HBNPart, HBNTensor, Layout
 from federation.models import (
     GROUPS,
     Batch,
@@ -25,6 +25,7 @@ from federation.models import (
     ModelSpec,
     SGDConfig,
     TrainResult,
+    native_tensor_spec,
     trainable_batches,
 )
 from hbn_core import Moments
@@ -32,7 +33,7 @@ from hbn_core import Moments
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping
 
-__all__ = ["TorchModel", "build", "torch_layout"]
+__all__ = ["TorchModel", "build", "torch_layout", "torch_moments"]
 
 
 def _norm(spec: ModelSpec, channels: int, *, spatial: bool) -> nn.Module:
@@ -190,9 +191,6 @@ def build(spec: ModelSpec, *, seed: int) -> TorchModel:
     return TorchModel(spec, seed=seed)
 
 
-_KINDS = {4: Kind.CONV_KERNEL, 2: Kind.DENSE_KERNEL}
-
-
 def torch_layout(module: nn.Module) -> Layout:
     """The canonical layout of a torch model, e.g. one converted with ``convert_batchnorm``.
 
@@ -209,22 +207,64 @@ def torch_layout(module: nn.Module) -> Layout:
             **dict(layer.named_parameters(recurse=False)),
             **dict(layer.named_buffers(recurse=False)),
         }
+        is_hbn = isinstance(layer, hbn_torch.HybridBatchNorm)
         for local, tensor in tensors.items():
             if tensor is None or not tensor.is_floating_point():
                 continue
             name = f"{prefix}.{local}" if prefix else local
-            shape = tuple(tensor.shape)
-            kind = _KINDS.get(len(shape), Kind.VECTOR)
-            if isinstance(layer, hbn_torch.HybridBatchNorm) and local in {
-                "global_mean",
-                "global_var",
-                "alpha",
-            }:
-                part = HBNPart(local)
-                role = Role.PERSONAL if part is HBNPart.ALPHA else Role.STATISTICS
-                layout[name] = TensorSpec(shape, role, kind, hbn=HBNTensor(prefix, part))
-            elif isinstance(layer, hbn_torch.HybridBatchNorm) and local.startswith("running_"):
-                layout[name] = TensorSpec(shape, Role.PERSONAL, kind)
-            else:
-                layout[name] = TensorSpec(shape, Role.SHARED, kind)
+            part = HBNTensor(prefix, HBNPart(local)) if is_hbn and local in _HBN_PARTS else None
+            layout[name] = native_tensor_spec(
+                tuple(tensor.shape), hbn=part, personal=is_hbn and local.startswith("running_")
+            )
     return layout
+
+
+_HBN_PARTS = {part.value for part in HBNPart}
+
+
+@torch.no_grad()
+def torch_moments(
+    module: nn.Module,
+    state: Mapping[str, np.ndarray],
+    batches: Iterable[Any],
+    *,
+    mode: CollectionMode = "hybrid",
+) -> tuple[dict[str, Moments], int]:
+    """The statistics step on a torch model of your own: each HBN layer's input moments.
+
+    ``state`` (tensors by ``state_dict`` name, as :func:`torch_layout` names them) is copied
+    into ``module`` first, each tensor cast to the module's; ``module``'s other tensors (its
+    alpha) stay. Each batch of ``batches`` (model inputs, anything ``torch.as_tensor`` takes)
+    then runs forward in eval mode inside :func:`backends.torch.collect_statistics`; the
+    module's training mode is restored afterwards.
+
+    Returns
+    -------
+    tuple[dict[str, hbn_core.Moments], int]
+        The moments by HBN layer (NumPy) and the number of examples forwarded.
+
+    Raises
+    ------
+    ValueError
+        If ``state`` names a tensor ``module`` does not have.
+    """
+    own = module.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        msg = f"`state` must name tensors of the module's state_dict; unknown: {unknown}."
+        raise ValueError(msg)
+    for name, value in state.items():
+        own[name].copy_(torch.from_numpy(np.asarray(value)))
+    training = module.training
+    module.eval()
+    examples = 0
+    try:
+        with hbn_torch.collect_statistics(module, mode=mode) as collected:
+            for batch in batches:
+                inputs = torch.as_tensor(batch)
+                module(inputs)
+                examples += len(inputs)
+    finally:
+        module.train(training)
+    moments = {name: Moments(*(t.cpu().numpy() for t in m)) for name, m in collected.items()}
+    return moments, examples
