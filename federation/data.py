@@ -8,6 +8,7 @@ a JAX and a Keras client see the same examples in the same order. Images are can
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import math
 import numbers
 import pathlib
@@ -26,6 +27,7 @@ __all__ = [
     "Dataset",
     "batches",
     "check_clients_with_data",
+    "digits_arrays",
     "load_dataset",
     "partition",
 ]
@@ -210,17 +212,41 @@ def load_dataset(name: str, *, seed: int = 0, path: str = "") -> Dataset:
 
 
 def _digits(seed: int) -> Dataset:
-    from sklearn.datasets import load_digits  # only this data set needs it
-
-    digits = load_digits()
-    images = digits.images[:, None].astype(np.float32)
+    images64, labels = digits_arrays()
+    images = images64[:, None].astype(np.float32)
     order = np.random.default_rng(seed).permutation(len(images))
     test = order[: len(order) // 5]
     train = order[len(order) // 5 :]
-    labels = digits.target
     return Dataset.from_arrays(
         images[train], labels[train], images[test], labels[test], name="digits"
     )
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: images ``(1797, 8, 8)`` float64 and labels ``(1797,)`` int64.
+
+    The very arrays of :func:`sklearn.datasets.load_digits`, read as it reads them (the
+    ``digits.csv.gz`` that scikit-learn ships, by ``numpy.loadtxt``) but without importing
+    scikit-learn, which costs seconds in every new process: on a Flower SuperNode, every
+    message's ClientApp is one. Where the file is not found, ``load_digits`` itself.
+
+    Raises
+    ------
+    ModuleNotFoundError
+        If scikit-learn is not installed (the ``federation`` extra brings it).
+    """
+    found = importlib.util.find_spec("sklearn")
+    locations = [] if found is None else list(found.submodule_search_locations or [])
+    for location in locations:
+        path = pathlib.Path(location) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt", encoding="utf-8") as stream:
+                table = np.loadtxt(stream, delimiter=",")
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images, digits.target.astype(np.int64)
 
 
 def _fashion_mnist() -> Dataset:

@@ -241,3 +241,32 @@ def test_too_few_clients_with_data_are_refused_before_any_work():
         rf"{with_data + 1}; lower it, raise data.beta",
     ):
         data.check_clients_with_data(parts, with_data + 1)
+
+
+def test_the_digits_are_scikit_learns_without_importing_scikit_learn(monkeypatch):
+    """Read from the file scikit-learn ships, bit for bit; and by load_digits where it is not."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from federation.data import digits_arrays
+
+    reference = load_digits()
+    images, labels = digits_arrays()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(labels, reference.target)
+    assert (images.dtype, labels.dtype) == (np.float64, np.int64)
+    code = (
+        "import sys; from federation.data import load_dataset; load_dataset('digits'); "
+        "print('sklearn' in sys.modules)"
+    )
+    imported = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert imported.strip() == "False"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda _name: None)
+    images, labels = digits_arrays()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(labels, reference.target)
