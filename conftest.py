@@ -5,7 +5,8 @@ a framework's own nox session fails, rather than skips, when its tests did not r
 
 ``HBN_REQUIRE`` (comma-separated markers, set by the nox sessions) names what must have run:
 a framework in it that fails to import fails the test instead of skipping it, and each marker
-in it needs at least one passed test, or the session fails.
+in it needs at least one passed test, or the session fails (counted by pytest-xdist's controller
+when the tests run in workers).
 """
 
 from __future__ import annotations
@@ -101,8 +102,18 @@ def _required_without_a_pass() -> list[str]:
     return sorted(m for m in REQUIRED if _passed_per_marker[m] == 0)
 
 
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    """Whether this process is a pytest-xdist worker, which sees only its share of the tests."""
+    return hasattr(config, "workerinput")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the session when a required marker has no passed test."""
+    """Fail the session when a required marker has no passed test.
+
+    Under pytest-xdist only the controller decides: it receives every worker's reports.
+    """
+    if _is_xdist_worker(session.config):
+        return
     if _required_without_a_pass() and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

@@ -37,6 +37,10 @@ TORCH = "torch==2.13.0"
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
 FRAMEWORK_MARKERS = "torch or jax or tf or cross or flower or docs"
 DOCTESTS = ("--doctest-modules", "--doctest-glob=*.md")
+# pytest-xdist: one worker per core, at most four (each worker of tests-cross holds torch, JAX
+# and TensorFlow: about 3 GB). Tests that must share one process carry
+# ``pytest.mark.xdist_group``; ``-- -n 0`` after a session's name runs in one process.
+PARALLEL = ("--numprocesses=auto", "--maxprocesses=4", "--dist=loadgroup")
 
 
 SessionFunction = Callable[[nox.Session], None]
@@ -64,8 +68,14 @@ def removed_on_ci(run_session: SessionFunction) -> SessionFunction:
 def run_pytest(
     session: nox.Session, *args: str, require: str, env: dict[str, str] | None = None
 ) -> None:
-    """Run pytest; ``require`` lists the markers that must pass at least one test."""
-    session.run("pytest", *args, *session.posargs, env={"HBN_REQUIRE": require, **(env or {})})
+    """Run pytest over the cores; ``require`` lists the markers that must pass at least one test."""
+    environment = {"HBN_REQUIRE": require, **(env or {})}
+    session.run("pytest", *PARALLEL, *args, *session.posargs, env=environment)
+
+
+def build_torch_operator(session: nox.Session) -> None:
+    """Build HBN's C++ operator before the tests, so that no test worker waits for the build."""
+    session.run("python", "-m", "backends.torch", "build")
 
 
 @nox.session(name="tests-core")
@@ -92,6 +102,7 @@ def tests_core(session: nox.Session) -> None:
 def tests_torch(session: nox.Session) -> None:
     """The core on PyTorch tensors, and the torch adapter (backends.torch)."""
     session.install(TORCH, "-e", ".[torch,federation,test]")
+    build_torch_operator(session)
     run_pytest(
         session,
         "-m",
@@ -145,6 +156,7 @@ def tests_tf(session: nox.Session) -> None:
 def tests_cross(session: nox.Session) -> None:
     """Every framework in one environment: cross-framework agreement, Keras on JAX and torch."""
     session.install(TORCH, "-e", ".[all,test]")
+    build_torch_operator(session)
     run_pytest(session, "-m", "cross", "tests", require="cross,torch,jax,tf")
 
 
@@ -153,6 +165,7 @@ def tests_cross(session: nox.Session) -> None:
 def tests_flower(session: nox.Session) -> None:
     """HBN on Flower: simulations of torch and Flax nodes, checked against the embedded one."""
     session.install(TORCH, "-e", ".[torch,jax,flower,federation,test]")
+    build_torch_operator(session)
     run_pytest(session, "-m", "flower", "tests", require="flower")
 
 

@@ -248,14 +248,17 @@ def compiled_kernel_directory() -> pathlib.Path:
     """The directory where the C++ operator is built: private to this Python environment.
 
     It lies under ``TORCH_EXTENSIONS_DIR`` (or torch's default, ``~/.cache/torch_extensions``)
-    and its name holds a hash of the interpreter (``sys.executable``, ``sys.prefix``, its
-    version) and of the torch build (version and location). Environments at different paths or
-    with different torch versions never share a build, nor its lock.
+    and its name holds a hash of the interpreter (``sys.executable`` with its links resolved,
+    ``sys.prefix``, its version) and of the torch build (version and location). Environments at
+    different paths or with different torch versions never share a build, nor its lock; the
+    names of one interpreter (``bin/python`` and ``bin/python3``, as Flower's ``flwr-clientapp``
+    runs it) share one.
     """
     from torch.utils import cpp_extension  # imports setuptools: only when a layer trains
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    environment = (sys.executable, sys.prefix, sys.version, torch.__version__, torch.__file__)
+    interpreter = os.path.realpath(sys.executable)
+    environment = (interpreter, sys.prefix, sys.version, torch.__version__, torch.__file__)
     digest = hashlib.sha256("\0".join(environment).encode()).hexdigest()[:16]
     return pathlib.Path(root) / f"hbn_torch_kernels-{digest}"
 

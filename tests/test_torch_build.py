@@ -181,6 +181,18 @@ def test_the_build_directory_is_private_to_the_interpreter_and_torch(tmp_path, m
     assert hbn_torch.compiled_kernel_directory().parent == default_root
 
 
+def test_the_names_of_one_interpreter_share_one_build(tmp_path, monkeypatch):
+    """``bin/python`` and ``bin/python3`` of one environment are one interpreter: one build."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    directories = set()
+    for name in ("python", "python3"):
+        link = tmp_path / name
+        link.symlink_to(pathlib.Path(sys.executable).resolve())
+        monkeypatch.setattr(sys, "executable", str(link))
+        directories.add(hbn_torch.compiled_kernel_directory())
+    assert len(directories) == 1
+
+
 @pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf"])
 def test_a_bad_build_timeout_is_refused_by_name(monkeypatch, value):
     monkeypatch.setenv(hbn_torch.BUILD_TIMEOUT_VARIABLE, value)
