@@ -63,16 +63,33 @@ def hybrid_batch_norm(
     global_mean: Any,
     global_var: Any,
     *,
+    mask: Any = None,
     axis: int = -1,
     epsilon: float = 1e-3,
 ) -> Any:
-    """:func:`hbn_core.hbn_forward` with :func:`hbn_core.hbn_backward` as its gradient.
+    r""":func:`hbn_core.hbn_forward` with :func:`hbn_core.hbn_backward` as its gradient.
 
     The arguments are tensors of the Keras backend (not ``keras.Variable`` objects), as
     :func:`keras.ops.custom_gradient` needs on the torch backend. The global statistics get zero
     gradients: the gradient never flows into them. The gradient is itself differentiable, so
     second-order gradients (a loss on an input gradient) are exact on every backend.
+
+    With a ``mask`` (boolean, of the shape of ``x``; True: the value enters the statistics),
+    the batch statistics are, per channel, over the :math:`n = \sum m` kept positions,
+
+    .. math::
+
+        \mu_B = \frac{1}{n}\sum m\,x, \qquad \sigma_B^2 = \frac{1}{n}\sum m\,(x - \mu_B)^2,
+
+    (:math:`\mu_B = \sigma_B^2 = 0` for a channel with no kept position, as the moments of
+    an empty set), mixed with the global statistics as without a mask; every position, kept or
+    not, is normalised with the mixed statistics by :func:`hbn_core.hbn_inference`. The
+    backend's autodiff differentiates this composition (to any order); the global statistics
+    get no gradient.
     """
+    if mask is not None:
+        x, mean, var = _masked_mixed_statistics(x, alpha, (global_mean, global_var), mask, axis)
+        return hbn_core.hbn_inference(x, scale, offset, mean, var, channel_axis=axis, eps=epsilon)
 
     @ops.custom_gradient
     def forward(*args: Any) -> tuple[Any, Callable[..., tuple[Any, ...]]]:
@@ -102,37 +119,12 @@ def _torch_grad_enabled() -> bool:
     return torch.is_grad_enabled()
 
 
-def masked_hybrid_batch_norm(
-    x: Any,
-    scale: Any,
-    offset: Any,
-    alpha: Any,
-    global_mean: Any,
-    global_var: Any,
-    mask: Any,
-    *,
-    axis: int = -1,
-    epsilon: float = 1e-3,
-) -> Any:
-    r"""The hybrid training forward with batch statistics over the positions ``mask`` keeps.
+def _masked_mixed_statistics(
+    x: Any, alpha: Any, statistics: tuple[Any, Any], mask: Any, axis: int
+) -> tuple[Any, Any, Any]:
+    """``x`` in its compute dtype, and the hybrid mean and variance over what ``mask`` keeps.
 
-    Per channel, with :math:`m` the mask (True: the value enters the statistics) and
-    :math:`n = \sum m` the kept positions,
-
-    .. math::
-
-        \mu_B = \frac{1}{n}\sum m\,x, \qquad \sigma_B^2 = \frac{1}{n}\sum m\,(x - \mu_B)^2,
-
-    (:math:`\mu_B = \sigma_B^2 = 0` for a channel with no kept position, as the moments of
-    an empty set), mixed with the global statistics as in :func:`hybrid_batch_norm`; every
-    position, kept or not, is normalised with the mixed statistics by
-    :func:`hbn_core.hbn_inference`. The backend's autodiff differentiates this composition
-    (to any order); the global statistics get no gradient.
-
-    Parameters
-    ----------
-    mask
-        Boolean, of the shape of ``x``.
+    See :func:`hybrid_batch_norm`; the global ``statistics`` (mean, variance) get no gradient.
     """
     # float64 stays float64, and half precision computes in float32. (Keras' result_type
     # promotes float64 with float32 to float32.)
@@ -146,13 +138,10 @@ def masked_hybrid_batch_norm(
     batch_var = ops.sum(ops.square(centred), axis=reduction) / ops.reshape(count, (-1,))
     alpha = ops.cast(alpha, compute)
     global_weight, batch_weight = ops.sigmoid(alpha), ops.sigmoid(-alpha)
-    statistics = (ops.cast(ops.stop_gradient(s), compute) for s in (global_mean, global_var))
-    mean_global, var_global = statistics
+    mean_global, var_global = (ops.cast(ops.stop_gradient(s), compute) for s in statistics)
     mixed_mean = batch_weight * ops.reshape(batch_mean, (-1,)) + global_weight * mean_global
     mixed_var = batch_weight * batch_var + global_weight * var_global
-    return hbn_core.hbn_inference(
-        x, scale, offset, mixed_mean, mixed_var, channel_axis=axis, eps=epsilon
-    )
+    return x, mixed_mean, mixed_var
 
 
 # BatchNormalization's arguments that HBN does not support, with the default values at which
@@ -402,12 +391,9 @@ class HybridBatchNormalization(keras.layers.Layer):
             y = hbn_core.hbn_inference(
                 inputs, scale, offset, *statistics, channel_axis=self.axis, eps=self.epsilon
             )
-        elif kept is None:
-            y = hybrid_batch_norm(inputs, scale, offset, self.alpha.value, *statistics, **options)
         else:
-            y = masked_hybrid_batch_norm(
-                inputs, scale, offset, self.alpha.value, *statistics, kept, **options
-            )
+            alpha = self.alpha.value
+            y = hybrid_batch_norm(inputs, scale, offset, alpha, *statistics, mask=kept, **options)
         return ops.cast(y, self.compute_dtype)
 
     def _affine(self) -> tuple[Any, Any]:

@@ -101,21 +101,6 @@ def training_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callab
     return lambda: torch.autograd.grad(layer(x), inputs, dy)
 
 
-def time_layers(repeats: int) -> list[dict]:
-    """Median forward+backward time of each variant at each shape, in one process."""
-    rows = []
-    for shape in SHAPES:
-        torch.manual_seed(0)
-        x = torch.randn(shape, requires_grad=True)
-        dy = torch.randn(shape)
-        steps = {
-            variant: training_step(make_norm(variant, shape[1], len(shape)), x, dy)
-            for variant in TIMED
-        }
-        rows.append({"shape": shape, **median_ms(steps, repeats)})
-    return rows
-
-
 SECOND_ORDER = ["batchnorm", "hbn", "hbn-autograd"]
 
 
@@ -136,16 +121,23 @@ def gradient_penalty_step(
     return step
 
 
-def time_second_order(repeats: int) -> list[dict]:
-    """Median gradient-penalty step time of BatchNorm, HBN and autograd HBN at each shape."""
+def time_steps(
+    make_step: Callable[[nn.Module, torch.Tensor, torch.Tensor], Callable[[], object]],
+    variants: list[str],
+    repeats: int,
+) -> list[dict]:
+    """Median time of ``make_step(layer, x, dy)`` for each variant's layer at each shape.
+
+    All in one process; ``x`` and ``dy`` are drawn once per shape, the same for every variant.
+    """
     rows = []
     for shape in SHAPES:
         torch.manual_seed(0)
         x = torch.randn(shape, requires_grad=True)
         dy = torch.randn(shape)
         steps = {
-            variant: gradient_penalty_step(make_norm(variant, shape[1], len(shape)), x, dy)
-            for variant in SECOND_ORDER
+            variant: make_step(make_norm(variant, shape[1], len(shape)), x, dy)
+            for variant in variants
         }
         rows.append({"shape": shape, **median_ms(steps, repeats)})
     return rows
@@ -217,6 +209,26 @@ def measure_memory(processes: int = 3) -> dict[str, dict]:
     }
 
 
+def ratios_to_batchnorm(row: dict, variants: list[str]) -> dict[str, float]:
+    """Each variant's time in ``row`` over BatchNorm's (``variants[0]``) in the same row."""
+    return {variant: row[variant] / row["batchnorm"] for variant in variants[1:]}
+
+
+def ratio_table(rows: list[dict], variants: list[str]) -> list[str]:
+    """Markdown rows: per shape, BatchNorm's time, then each other variant's time and ratio."""
+    lines = [
+        "| shape | BatchNorm (ms) | "
+        + " | ".join(f"{variant} (ms) | ratio" for variant in variants[1:])
+        + " |",
+        "|---|---:|" + "---:|---:|" * len(variants[1:]),
+    ]
+    for row in rows:
+        ratios = ratios_to_batchnorm(row, variants)
+        cells = [f"{row[v]:.3f} | {ratios[v]:.2f}" for v in variants[1:]]
+        lines.append(f"| {row['shape']} | {row['batchnorm']:.3f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(
     rows: list[dict], second_order: list[dict], memory: dict[str, dict], repeats: int
 ) -> list[str]:
@@ -237,15 +249,8 @@ def markdown(
         "layer whose custom `torch.autograd.Function` only copies its input and passes the "
         "gradient through: the least that any layer with a Python custom gradient costs.",
         "",
-        "| shape | BatchNorm (ms) | "
-        + " | ".join(f"{variant} (ms) | ratio" for variant in TIMED[1:])
-        + " |",
-        "|---|---:|" + "---:|---:|" * len(TIMED[1:]),
+        *ratio_table(rows, TIMED),
     ]
-    for row in rows:
-        base = row["batchnorm"]
-        cells = [f"{row[v]:.3f} | {row[v] / base:.2f}" for v in TIMED[1:]]
-        lines.append(f"| {row['shape']} | {base:.3f} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Second order: one gradient-penalty step (`dL/dx` with `create_graph=True`, then the "
@@ -253,15 +258,8 @@ def markdown(
         "timing rule. `hbn` then takes its differentiable backward (hbn_core's forward and "
         "backward as torch ops, which autograd differentiates again) on every path.",
         "",
-        "| shape | BatchNorm (ms) | "
-        + " | ".join(f"{variant} (ms) | ratio" for variant in SECOND_ORDER[1:])
-        + " |",
-        "|---|---:|" + "---:|---:|" * len(SECOND_ORDER[1:]),
+        *ratio_table(second_order, SECOND_ORDER),
     ]
-    for row in second_order:
-        base = row["batchnorm"]
-        cells = [f"{row[v]:.3f} | {row[v] / base:.2f}" for v in SECOND_ORDER[1:]]
-        lines.append(f"| {row['shape']} | {base:.3f} | " + " | ".join(cells) + " |")
     base = memory["batchnorm"]
     lines += [
         "",
@@ -284,13 +282,12 @@ def markdown(
 
 def run(repeats: int) -> list[str]:
     """Measure everything and return the markdown section."""
-    rows = time_layers(repeats)
-    for row in rows:
-        print(row["shape"], {v: round(row[v] / row["batchnorm"], 2) for v in TIMED[1:]})
-    second_order = time_second_order(repeats)
-    for row in second_order:
-        ratios = {v: round(row[v] / row["batchnorm"], 2) for v in SECOND_ORDER[1:]}
-        print(row["shape"], "second order", ratios)
+    rows = time_steps(training_step, TIMED, repeats)
+    second_order = time_steps(gradient_penalty_step, SECOND_ORDER, repeats)
+    for label, table, variants in [("", rows, TIMED), ("second order", second_order, SECOND_ORDER)]:
+        for row in table:
+            ratios = ratios_to_batchnorm(row, variants)
+            print(row["shape"], label, {v: round(r, 2) for v, r in ratios.items()})
     memory = measure_memory()
     print(memory)
     return markdown(rows, second_order, memory, repeats)

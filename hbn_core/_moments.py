@@ -308,6 +308,23 @@ def pool_moments(
     >>> int(m.count), m.mean.tolist(), m.m2.tolist()
     (4, [4.0], [38.0])
     """
+    parts, xp = parts_and_namespace(parts, xp)
+    total_count = checked_total_count(parts, xp)
+    counts, means, m2s = stacked_parts(parts, xp=xp)
+    if weights is not None:
+        counts, m2s = _reweight(counts, m2s, weights, xp=xp)
+    mean, m2 = pool_columns(xp.reshape(counts, (-1, 1)), means, m2s, xp=xp)
+    return Moments(total_count, mean, m2)
+
+
+def parts_and_namespace(
+    parts: Sequence[Moments], xp: ArrayNamespace | None
+) -> tuple[tuple[Moments, ...], ArrayNamespace]:
+    """The parts as a tuple, and the namespace of all their arrays (``xp`` if given).
+
+    Raises ``ValueError`` if ``parts`` is empty, and as :func:`namespace_of` if the arrays are
+    of no one namespace.
+    """
     parts = tuple(parts)
     if not parts:
         msg = "`parts` must hold at least one Moments; got an empty sequence."
@@ -315,16 +332,19 @@ def pool_moments(
     named = {
         k: v for i, part in enumerate(parts) for k, v in _named_arrays(f"parts[{i}]", part).items()
     }
-    xp = namespace_of(named, xp)
+    return parts, namespace_of(named, xp)
+
+
+def checked_total_count(parts: Sequence[Moments], xp: ArrayNamespace) -> Array:
+    """Check that every part is well formed with the first part's channels; their total count.
+
+    Raises as :func:`merge_moments` for a malformed part, and ``ValueError`` if (when the
+    counts are concrete) the total exceeds :data:`MAX_COUNT` or the counts' dtype.
+    """
     num_channels = _check_structure("parts[0]", parts[0], xp)
     for i, part in enumerate(parts[1:], start=1):
         _check_channels(f"parts[{i}]", part, num_channels, xp)
-    total_count = _sum_counts({f"parts[{i}].count": p.count for i, p in enumerate(parts)})
-    counts, means, m2s = stacked_parts(parts, xp=xp)
-    if weights is not None:
-        counts, m2s = _reweight(counts, m2s, weights, xp=xp)
-    mean, m2 = pool_columns(xp.reshape(counts, (-1, 1)), means, m2s, xp=xp)
-    return Moments(total_count, mean, m2)
+    return _sum_counts({f"parts[{i}].count": p.count for i, p in enumerate(parts)})
 
 
 def stacked_parts(parts: Sequence[Moments], *, xp: ArrayNamespace) -> tuple[Array, Array, Array]:

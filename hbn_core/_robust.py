@@ -24,15 +24,12 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from hbn_core._moments import (
     Moments,
-    _check_channels,
-    _check_structure,
-    _named_arrays,
-    _sum_counts,
+    checked_total_count,
+    parts_and_namespace,
     pool_columns,
     pool_moments,
     stacked_parts,
 )
-from hbn_core._namespace import namespace_of
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -120,11 +117,11 @@ def trimmed_pool(
     --------
     >>> import numpy as np
     >>> from hbn_core import moments, variance
-    >>> honest = [moments(np.array([[0.0], [2.0]]) + k / 10) for k in range(4)]
-    >>> liar = moments(np.array([[1e6], [1e6 + 2]]))
-    >>> pooled = trimmed_pool([*honest, liar], trim=1)
+    >>> parts = [moments(np.array([[0.0, 5.0], [2.0, 7.0]]) + k / 10) for k in range(4)]
+    >>> parts.append(moments(np.array([[1e6, 5.0], [1e6 + 2, 7.0]])))  # lies in channel 0
+    >>> pooled = trimmed_pool(parts, trim=1)  # channel 1 drops the part of mean 6.3 instead
     >>> pooled.mean.round(6).tolist(), variance(pooled).round(6).tolist()
-    ([1.15], [1.0125])
+    ([1.15, 6.075], [1.0125, 1.006875])
     """
     xp, total_count, present = _prepare(parts, xp)
     size = len(present)
@@ -212,9 +209,10 @@ def median_of_means_pool(
     >>> from hbn_core import moments, variance
     >>> honest = [moments(np.array([[0.0], [2.0]]) + k / 10) for k in range(4)]
     >>> liar = moments(np.array([[1e6], [1e6 + 2]]))
-    >>> pooled = median_of_means_pool([*honest, liar], groups=3)
-    >>> pooled.mean.round(6).tolist(), variance(pooled).round(6).tolist()
-    ([1.2], [1.0225])
+    >>> exact = median_of_means_pool([*honest, liar], groups=1)  # one group: the exact pool
+    >>> robust = median_of_means_pool([*honest, liar], groups=3)
+    >>> exact.mean.round(2).tolist(), robust.mean.round(6).tolist(), variance(robust).tolist()
+    ([200001.12], [1.2], [1.0225])
     """
     xp, total_count, present = _prepare(parts, xp)
     size = len(present)
@@ -230,24 +228,14 @@ def _prepare(
     parts: Sequence[Moments], xp: ArrayNamespace | None
 ) -> tuple[ArrayNamespace, Array, list[Moments]]:
     """Check the parts; return the namespace, their total count and those with a count."""
-    parts = tuple(parts)
-    if not parts:
-        msg = "`parts` must hold at least one Moments; got an empty sequence."
-        raise ValueError(msg)
-    named = {
-        k: v for i, part in enumerate(parts) for k, v in _named_arrays(f"parts[{i}]", part).items()
-    }
-    xp = namespace_of(named, xp)
+    parts, xp = parts_and_namespace(parts, xp)
     if not (hasattr(xp, "sort") and hasattr(xp, "argsort")):
         msg = (
             "robust pools sort values: they need NumPy, array-api-strict, PyTorch or JAX "
             f"arrays; got arrays of {getattr(xp, '__name__', xp)} (convert them to NumPy)."
         )
         raise TypeError(msg)
-    num_channels = _check_structure("parts[0]", parts[0], xp)
-    for i, part in enumerate(parts[1:], start=1):
-        _check_channels(f"parts[{i}]", part, num_channels, xp)
-    total_count = _sum_counts({f"parts[{i}].count": p.count for i, p in enumerate(parts)})
+    total_count = checked_total_count(parts, xp)
     return xp, total_count, [p for p in parts if int(p.count) > 0]
 
 

@@ -568,3 +568,48 @@ def test_autocast_bfloat16_trains_as_in_float32():
     expected_grads = torch.autograd.grad(expected.sum(), list(reference.parameters()))
     for actual, ref in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(actual, ref, rtol=5e-2, atol=5e-2 * (1 + ref.abs().max()))
+
+
+# --- what is not supported fails loudly, never with wrong numbers ---------------------------
+
+# torch deprecates TorchScript, and its forward-mode AD scripts its decompositions on first use.
+TORCHSCRIPT_DEPRECATED = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
+
+
+@TORCHSCRIPT_DEPRECATED
+@PATHS
+@pytest.mark.parametrize("api", ["torch.func.jvp", "forward_ad"])
+def test_forward_mode_ad_in_training_raises_instead_of_giving_tangents(api, path):
+    """docs/backends/torch.md: HBN's autograd Functions define no jvp, so forward mode raises."""
+    layer = random_layer(hbn_torch.HybridBatchNorm2d, 3, seed=19)
+    use_path(layer, path)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+
+    def tangent_of_output() -> object:
+        if api == "torch.func.jvp":
+            return torch.func.jvp(layer, (x,), (torch.ones_like(x),))
+        with torch.autograd.forward_ad.dual_level():
+            return layer(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
+
+    # torch's Python Functions say so; the C++ operator's Function says jvp is not implemented.
+    with pytest.raises((NotImplementedError, RuntimeError), match="jvp"):
+        tangent_of_output()
+
+
+@TORCHSCRIPT_DEPRECATED
+def test_forward_mode_ad_works_in_eval_mode():
+    """Eval mode is plain torch ops: its jvp is BatchNorm's affine map, checked against vjp rows."""
+    layer = random_layer(hbn_torch.HybridBatchNorm1d, 3, seed=20).eval()
+    x, tangent = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    _, jvp = torch.func.jvp(layer, (x,), (tangent,))
+    scale = layer.weight / torch.sqrt(layer.global_var + layer.eps)
+    torch.testing.assert_close(jvp, tangent * scale.detach(), rtol=1e-12, atol=1e-12)
+
+
+@TORCHSCRIPT_DEPRECATED
+def test_torchscript_is_refused_at_scripting():
+    """docs/backends/torch.md: ``torch.jit.script`` cannot compile the layer (Python-only code)."""
+    with pytest.raises(RuntimeError):
+        torch.jit.script(hbn_torch.HybridBatchNorm2d(3))
