@@ -41,7 +41,7 @@ def test_the_keras_layer_tests_pass_on_another_keras_backend(backend):
         "no:cacheprovider",
     ]
     result = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800, check=False
     )
     report = result.stdout[-6000:] + result.stderr[-3000:]
     assert result.returncode == 0, report
