@@ -46,6 +46,7 @@ from federation.data import DataError
 from federation.protocol import RoundFailedError
 from federation.repro import (
     PROFILES,
+    StaleRunError,
     export_runs,
     import_runs,
     run_profile,
@@ -480,7 +481,7 @@ def _repro(
     try:
         with progress:
             results = run_profile(profile, out, workers=arguments.workers, on_done=on_done)
-    except (FileNotFoundError, ImportError) as error:
+    except (FileNotFoundError, ImportError, StaleRunError) as error:
         _error(console, "cannot start", error)
         return EXIT_BAD_INPUT
     if arguments.report:
