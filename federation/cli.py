@@ -2,7 +2,8 @@
 
     hbn-fed run CONFIG.toml [--set key=value ...] [--out DIR] [--resume] [--quiet]
     hbn-fed demo [--set key=value ...] [--out DIR] [--quiet]
-    hbn-fed repro [--profile full|quick] [--out DIR] [--workers N] [--report FILE.md] [--quiet]
+    hbn-fed repro [--profile full|study|long|quick] [--out DIR] [--workers N]
+        [--report FILE.md] [--quiet]
     hbn-fed --version
 
 Also ``python -m federation``. A live progress display names the one-time costs of starting

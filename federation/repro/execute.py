@@ -374,15 +374,16 @@ def run_profile(
     lr tuning comes first unless the profile fixes its ``lrs``; then its ``phases``, in the
     order grid, ablation, study, candidates. ``on_done(run, result)`` is called as each run
     that was not stored yet ends. With ``workers = 0`` nothing runs: the results are those
-    stored so far (for a report of an unfinished grid). Temporary files that killed runs left
-    are removed first.
+    stored so far (for a report of an unfinished grid, even while another process runs it).
+    Otherwise temporary files that killed runs left are removed first.
 
     Raises
     ------
     StaleRunError
         If a stored run was made with another configuration than its run has now.
     """
-    _remove_stale_files(out_dir)
+    if workers:
+        _remove_stale_files(out_dir)
 
     def phase(name: str, runs: list[Run]) -> list[RunResult]:
         if name not in profile.phases:
