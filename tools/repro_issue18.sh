@@ -25,7 +25,7 @@ case "$phase" in
 esac
 export PYTHONPATH=$PWD OMP_NUM_THREADS=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$store/.torch_ext}
-repro() { nice -n 5 "$python" -m federation repro --profile "$phase" --out "$store" "$@"; }
+repro() { "$python" -m federation repro --profile "$phase" --out "$store" "$@"; }
 for committed in docs/results-runs.jsonl "$runs"; do
     if [[ -f $committed ]]; then
         repro --workers 0 --import-runs "$committed" --quiet
