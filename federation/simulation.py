@@ -393,7 +393,9 @@ class Simulation:
         of that pass join ``faults``, and with fewer than ``min_clients`` valid clients it
         raises :class:`~federation.protocol.RoundFailedError`. With ``"fresh"`` it runs with
         :func:`~federation.protocol.fresh_evaluation_statistics`: the next round's statistics
-        step (its clients and streams) on this model, blended in by ``eval.fresh_weight``.
+        step (its clients and streams) on this model, blended in by ``eval.fresh_weight``; the
+        faults of that pass join ``faults`` under the next round's number, the round whose
+        step it is.
         """
         weights = {**state.global_state, **state.personal_average}
         if self.config.eval.statistics == "fresh" and self.hbn_layers:
