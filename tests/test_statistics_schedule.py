@@ -321,3 +321,38 @@ def test_flower_refuses_fresh_evaluation(flower_tests):
     config = flower_tests.small_config(eval={"statistics": "fresh", "fresh_weight": 0.5})
     with pytest.raises(ConfigError, match=r"`eval\.statistics` must be 'ema' on Flower"):
         HBNFedAvg(config=config, layout=flower_tests._layout(config))
+
+
+@pytest.mark.torch
+def test_a_failed_fresh_pass_fails_the_rounds_evaluation_and_keeps_its_training(
+    torch_federation, monkeypatch
+):
+    from federation.client import Client
+    from federation.simulation import Simulation
+
+    def config(evaluation):
+        return torch_federation.small_config(
+            rounds=1, clients={"fraction": 1.0, "min_clients": 2}, eval=evaluation
+        )
+
+    reference = Simulation(config({"statistics": "ema"}), dataset=torch_federation.DATA)
+    reference.run()
+    collect = Client.collect_statistics
+    calls = []
+
+    def fails_after_the_rounds_own_step(self, *args, **kwargs):
+        calls.append(self.client_id)
+        if len(calls) > 4:  # the round's own step asked the 4 clients; the fresh pass fails
+            msg = "node lost"
+            raise RuntimeError(msg)
+        return collect(self, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "collect_statistics", fails_after_the_rounds_own_step)
+    simulation = Simulation(config({"statistics": "fresh"}), dataset=torch_federation.DATA)
+    (record,) = simulation.run()
+    assert record.accuracy is None
+    assert "evaluation statistics" in record.evaluation_error
+    assert [f.step for f in record.faults] == ["evaluation statistics"] * 4
+    assert {f.round for f in record.faults} == {2}  # the round whose step it anticipates
+    for name, value in reference.global_state.items():
+        np.testing.assert_array_equal(simulation.global_state[name], value)
