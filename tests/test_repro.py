@@ -203,6 +203,7 @@ TINY_LONG = dataclasses.replace(
     eval_every=2,
     methods=("hbn", "bn"),
     phases=("grid",),
+    grid_phase="long",
     lrs={("hbn", 16): 0.05, ("bn", 16): 0.05},
     lr_decay=0.9,
     gap_rounds=(5, 6),
@@ -298,6 +299,10 @@ def test_the_long_profile_is_the_issues_protocol_with_the_grids_tuned_lrs():
     assert long.lrs == {(m, 4): grid_lrs[m, 4] for m in long.methods}
     runs = plan(long, long.lrs)
     assert len(runs) == long.run_count == 24
+    # Its runs never take the ids of the 20-round grid's, so both share a store.
+    full = PROFILES["full"]
+    grid_ids = {r.run_id for r in plan(full, tuned_lrs(tuning))}
+    assert not grid_ids & {r.run_id for r in runs}
     config = runs[0].config(long)
     assert (config.train.lr_decay, config.eval.every, config.eval.final_rounds) == (0.998, 10, 10)
 
@@ -313,6 +318,10 @@ def test_the_long_profile_resumes_where_it_stopped_and_reports_the_gap(tmp_path)
     results = run_profile(TINY_LONG, out, workers=1, on_done=lambda r, _: finished.append(r))
     assert finished == [missing]  # the stored run is not rerun
     assert [(r.run, r.curve) for r in results.grid] == [(r.run, r.curve) for r in first.grid]
+    assert all(r.run.run_id.startswith("long-") for r in results.grid)
+    # The same ids with another horizon are other runs: refused, never reused.
+    with pytest.raises(StaleRunError, match="holds another run than long-"):
+        run_profile(dataclasses.replace(TINY_LONG, rounds=5), out, workers=0)
     assert not results.tuning  # fixed lrs: no tuning
     for result in results.grid:
         assert result.config["train"]["lr_decay"] == 0.9

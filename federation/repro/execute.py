@@ -267,7 +267,8 @@ def _stored(run: Run, profile: Profile, out_dir: pathlib.Path) -> RunResult | No
     Raises
     ------
     StaleRunError
-        If the stored run records a configuration other than ``run``'s now (a method's
+        If the stored run is another run under the same id (another number of rounds, say),
+        or records a configuration other than ``run``'s now (a method's
         defaults changed since, say): it is never silently reused; move its file away to rerun
         it. An option the stored configuration lacks counts as its default (options are added
         with the former behaviour as default); runs stored before configurations were recorded
@@ -277,6 +278,9 @@ def _stored(run: Run, profile: Profile, out_dir: pathlib.Path) -> RunResult | No
     if not path.exists():
         return None
     result = RunResult.from_json(json.loads(path.read_text()))
+    if result.run != run:
+        msg = f"{path} holds another run than {run.run_id} now: {result.run}; move it away."
+        raise StaleRunError(msg)
     if result.config is not None:
         planned = run.config(profile)
         defaults = _flat(json.loads(json.dumps(type(planned)().to_dict())))

@@ -89,6 +89,8 @@ class Profile:
     (method, batch size)'s lr and skips tuning; ``lr_decay``, when set, is every method's
     per-round lr decay (``train.lr_decay``). ``gap_rounds`` are rounds at which the report
     compares ``hbn`` with the baselines, to show how the gap moves with training.
+    ``grid_phase`` names its grid runs (it starts their ids), so that grids of other horizons
+    can share a store.
     """
 
     name: str
@@ -112,6 +114,7 @@ class Profile:
     lrs: dict[tuple[str, int], float] = dataclasses.field(default_factory=dict)
     lr_decay: float | None = None
     gap_rounds: tuple[int, ...] = ()
+    grid_phase: str = "grid"
 
     @property
     def grid_size(self) -> int:
@@ -255,6 +258,7 @@ PROFILES: dict[str, Profile] = {
         candidates={},
         methods=("hbn", "hbn-authors", "bn", "fixbn"),
         phases=("grid",),
+        grid_phase="long",
         lrs=TUNED_LRS_B4,
         lr_decay=0.998,
         gap_rounds=(20, 50, 100, 150, 200, 250),
@@ -387,7 +391,7 @@ def plan(profile: Profile, tuned_lr: dict[tuple[str, int], float] | None = None)
             for lr in lrs
         ]
     return [
-        Run("grid", m, s, seed, tuned_lr[m, s.batch_size], profile.rounds)
+        Run(profile.grid_phase, m, s, seed, tuned_lr[m, s.batch_size], profile.rounds)
         for seed in profile.seeds
         for s in profile.settings
         for m in profile.methods
