@@ -297,13 +297,21 @@ def attack(session: nox.Session) -> None:
 def repro(session: nox.Session) -> None:
     """The reproduction grid on Fashion-MNIST (about 4 hours on 2 cores; not run by CI).
 
-    Writes docs/results.md and docs/results.png; run results go to .repro/ and an interrupted
-    grid resumes there. Fashion-MNIST comes from Debian's ``dataset-fashion-mnist``, installed
-    here when apt-get may be run. ``nox -s repro -- --profile quick`` is the smoke test.
+    ``--profile full`` (the default) writes docs/results.md and docs/results.png, ``--profile
+    study`` docs/results-study.md (issue 18's study on held-out seeds) and ``--profile long``
+    docs/results-long.md (250 rounds). Run results go to .repro/ (``-- --out DIR`` elsewhere)
+    and an interrupted profile resumes there; ``-- --workers 1`` on a shared machine.
+    ``tools/repro_issue18.sh`` runs each of issue 18's phases with one worker in a persistent
+    store. Fashion-MNIST comes from Debian's ``dataset-fashion-mnist``, installed here when
+    apt-get may be run. ``nox -s repro -- --profile quick`` is the smoke test.
     """
     _install_fashion_mnist(session)
     session.install(TORCH, "-e", ".[torch,federation]")
     arguments = session.posargs or ["--profile", "full"]
+    profile = arguments[arguments.index("--profile") + 1] if "--profile" in arguments else "full"
+    report = {"study": "docs/results-study.md", "long": "docs/results-long.md"}.get(
+        profile, "docs/results.md"
+    )
     session.run(
         "hbn-fed",
         "repro",
@@ -312,7 +320,7 @@ def repro(session: nox.Session) -> None:
         "--workers",
         "2",
         "--report",
-        "docs/results.md",
+        report,
         *arguments,
     )
 

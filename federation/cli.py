@@ -2,7 +2,8 @@
 
     hbn-fed run CONFIG.toml [--set key=value ...] [--out DIR] [--resume] [--quiet]
     hbn-fed demo [--set key=value ...] [--out DIR] [--quiet]
-    hbn-fed repro [--profile full|quick] [--out DIR] [--workers N] [--report FILE.md] [--quiet]
+    hbn-fed repro [--profile full|study|long|quick] [--out DIR] [--workers N]
+        [--report FILE.md] [--quiet]
     hbn-fed --version
 
 Also ``python -m federation``. A live progress display names the one-time costs of starting
@@ -46,6 +47,7 @@ from federation.data import DataError
 from federation.protocol import RoundFailedError
 from federation.repro import (
     PROFILES,
+    StaleRunError,
     export_runs,
     import_runs,
     run_profile,
@@ -480,7 +482,7 @@ def _repro(
     try:
         with progress:
             results = run_profile(profile, out, workers=arguments.workers, on_done=on_done)
-    except (FileNotFoundError, ImportError) as error:
+    except (FileNotFoundError, ImportError, StaleRunError) as error:
         _error(console, "cannot start", error)
         return EXIT_BAD_INPUT
     if arguments.report:

@@ -356,6 +356,12 @@ class StatisticsConfig:
         "`median-of-means`: groups pooled exactly before their median; 2f + 1 tolerates f",
         bounds=at_least(1, COUNT_CAP),
     )
+    warmup: Literal["none", "first", "cumulative", "debias"] = option(
+        "none",
+        "the EMA's momentum in its first blends, so that the initial (0, 1) does not linger: "
+        "`m` from the start, the first pool whole, `max(m, 1/t)` at the t-th blend, or Adam's "
+        "bias correction `m / (1 - (1 - m)^t)` (`federation.statistics_schedule`)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,8 +385,15 @@ class EvalConfig:
         "each of the last rounds is evaluated too (the reported metric averages the last 10)",
         bounds=at_least(1, COUNT_CAP),
     )
-    statistics: Literal["ema", "sync"] = option(
-        "ema", "the protocol's statistics, or a fresh pass of the round's clients (D7)"
+    statistics: Literal["ema", "sync", "fresh"] = option(
+        "ema",
+        "the protocol's statistics; a fresh pass of the round's clients (D7); or `fresh`: "
+        "the pass the next round makes on this model, blended in by `eval.fresh_weight`",
+    )
+    fresh_weight: float = option(
+        1.0,
+        "`fresh`: evaluate with `(1 - w) global + w fresh`; must stay 1 unless `fresh`",
+        bounds=between(0, 1, low_open=True),
     )
     batch_size: int = option(256, "evaluation batch size", bounds=at_least(1, SIZE_CAP))
     framework: str = option(
@@ -563,12 +576,22 @@ def _robust_pools_fit_the_fewest_reports(config: Config) -> None:
         )
 
 
+def _fresh_weight_only_with_fresh_evaluation(config: Config) -> None:
+    _require(
+        config.eval.fresh_weight == 1 or config.eval.statistics == "fresh",
+        "eval.fresh_weight",
+        '1 unless eval.statistics = "fresh" (it weighs the fresh pool)',
+        config.eval.fresh_weight,
+    )
+
+
 # Each rule raises ConfigError naming the key it refuses.
 RULES: tuple[Callable[[Config], None], ...] = (
     _min_clients_within_the_federation,
     _frameworks_cover_every_client,
     _hybrid_reports_need_a_learned_alpha,
     _robust_pools_fit_the_fewest_reports,
+    _fresh_weight_only_with_fresh_evaluation,
 )
 
 

@@ -38,6 +38,7 @@ import hbn_core
 from backends._global_statistics import checked_global_statistics
 from federation.layout import HBNPart, Role, check_state, select
 from federation.models import FRAMEWORKS
+from federation.statistics_schedule import blend_momentum
 from hbn_core import Moments
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ __all__ = [
     "fedavg",
     "first_personal",
     "freezes_statistics",
+    "fresh_evaluation_statistics",
     "global_statistics",
     "hbn_layers",
     "initial_state",
@@ -572,9 +574,27 @@ def blend_statistics(
     }
 
 
-def statistics_momentum(settings: StatisticsConfig, round_index: int) -> float:  # noqa: ARG001
-    """The EMA weight of round ``round_index``'s pool: ``statistics.momentum`` in every round."""
-    return settings.momentum
+def statistics_momentum(settings: StatisticsConfig, round_index: int) -> float:
+    """The EMA weight of the pool blended after ``round_index`` committed rounds.
+
+    ``statistics.momentum`` as ``statistics.warmup`` schedules it for blend number
+    ``round_index + 1`` (:func:`federation.statistics_schedule.blend_momentum`).
+    """
+    return blend_momentum(settings.momentum, round_index + 1, settings.warmup)
+
+
+def fresh_evaluation_statistics(
+    committed: GlobalStatistics, fresh: GlobalStatistics, weight: float
+) -> GlobalStatistics:
+    r"""The statistics that ``eval.statistics = "fresh"`` evaluates round :math:`t`'s model with.
+
+    They are :math:`(1 - \lambda)\,g_t + \lambda\,p_{t+1}`: ``committed`` is :math:`g_t`, the
+    global statistics round :math:`t` committed; ``fresh`` is :math:`p_{t+1}`, the pool of the
+    statistics step that round :math:`t + 1` makes on the evaluated model :math:`w_t` (its
+    clients, random streams and state); ``weight`` is :math:`\lambda` = ``eval.fresh_weight``.
+    Evaluation only: nothing is committed.
+    """
+    return blend_statistics(committed, fresh, weight)
 
 
 def next_statistics(

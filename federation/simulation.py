@@ -378,9 +378,30 @@ class Simulation:
         BatchNorm tensors are averaged for this). With ``eval.statistics = "sync"`` it runs
         with statistics pooled afresh (momentum 1) from ``sampled`` on this model; the faults
         of that pass join ``faults``, and with fewer than ``min_clients`` valid clients it
-        raises :class:`~federation.protocol.RoundFailedError`.
+        raises :class:`~federation.protocol.RoundFailedError`. With ``"fresh"`` it runs with
+        :func:`~federation.protocol.fresh_evaluation_statistics`: the next round's statistics
+        step (its clients and streams) on this model, blended in by ``eval.fresh_weight``; the
+        faults of that pass join ``faults`` under the next round's number, the round whose
+        step it is.
         """
         weights = {**state.global_state, **state.personal_average}
+        if self.config.eval.statistics == "fresh" and self.hbn_layers:
+            following = round_index + 1
+            reports, _ = self._statistics_step(
+                state,
+                following,
+                self.sample_clients(following),
+                faults,
+                None,
+                step="evaluation statistics",
+            )
+            pooled = protocol.pool_statistics(list(reports.values()), self.config.statistics)
+            fresh = protocol.fresh_evaluation_statistics(
+                protocol.global_statistics(state.global_state, self.hbn_layers),
+                pooled,
+                self.config.eval.fresh_weight,
+            )
+            weights |= protocol.statistics_state(fresh, self.hbn_layers, state.global_state)
         if self.config.eval.statistics == "sync" and self.hbn_layers:
             synced, _ = self._statistics_step(
                 state,

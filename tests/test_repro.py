@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -11,13 +12,18 @@ import pytest
 from federation.repro import (
     PROFILES,
     RunResult,
+    Setting,
+    StaleRunError,
+    Study,
     confidence_interval,
     export_runs,
     import_runs,
     plan,
     plan_ablation,
     plan_candidates,
+    plan_study,
     run_profile,
+    tuned_lrs,
     verdict,
     write_report,
 )
@@ -166,3 +172,184 @@ def test_seed_intervals_are_student_t_intervals():
 )
 def test_verdicts_pair_runs_by_seed(ours, theirs, outcome):
     assert verdict(ours, theirs)[0] == outcome
+
+
+# -- issue 18: the study on held-out seeds and the long profile -------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FRESH_HALF = ("eval.statistics=fresh", "eval.fresh_weight=0.5")
+TINY_STUDY = dataclasses.replace(
+    QUICK,
+    name="tiny-study",
+    rounds=3,
+    phases=("study",),
+    lrs={("hbn", 16): 0.05, ("hbn-authors", 16): 0.05},
+    study=Study(
+        settings=(Setting("dirichlet", 0.6, 16),),
+        seeds=(100,),
+        variants={
+            "hbn": ("hbn", ()),
+            "hbn-authors": ("hbn-authors", ()),
+            "first, fresh 0.5": ("hbn", ("statistics.warmup=first", *FRESH_HALF)),
+            "first": ("hbn", ("statistics.warmup=first",)),
+        },
+        probes={"fresh 0.5": FRESH_HALF},
+    ),
+)
+TINY_LONG = dataclasses.replace(
+    QUICK,
+    name="tiny-long",
+    rounds=6,
+    eval_every=2,
+    methods=("hbn", "bn"),
+    phases=("grid",),
+    grid_phase="long",
+    lrs={("hbn", 16): 0.05, ("bn", 16): 0.05},
+    lr_decay=0.9,
+    gap_rounds=(5, 6),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    return out, run_profile(TINY_STUDY, out, workers=1)
+
+
+def test_the_study_holds_out_the_reported_seeds_and_pairs_both_hbn_baselines():
+    full, study = PROFILES["full"], PROFILES["study"]
+    assert study.study is not None
+    assert not set(study.study.seeds) & set(full.seeds)
+    assert set(study.study.settings) == {Setting("dirichlet", 0.6, 4), Setting("dirichlet", 0.1, 4)}
+    runs = plan_study(study, study.lrs)
+    assert len(runs) == study.run_count == study.study.run_count
+    variants = [r.variant for r in runs]
+    assert variants[:12] == ["hbn-authors"] * 6 + ["hbn"] * 6  # baselines first, whole
+    warmups = {r.config(study).statistics.warmup for r in runs if r.method == "hbn"}
+    assert warmups == {"none", "first", "cumulative", "debias"}
+    assert all(r.config(study).eval.statistics == "ema" for r in runs if r.method == "hbn")
+    with pytest.raises(ValueError, match=r"must override `eval\.\*` keys only"):
+        Study(study.study.settings, (100,), {}, probes={"bad": ("statistics.momentum=1",)})
+
+
+def test_a_probe_equals_a_run_configured_with_it_bit_for_bit(tiny_study):
+    _, results = tiny_study
+    by_variant = {r.run.variant: r for r in results.study}
+    assert set(by_variant) == set(TINY_STUDY.study.variants)
+    probed = by_variant["first"].probes["fresh 0.5"]
+    configured = by_variant["first, fresh 0.5"].curve
+    assert probed == configured
+    assert probed != by_variant["first"].curve  # the probe evaluated otherwise
+    assert "fresh 0.5" in by_variant["hbn"].probes
+    assert by_variant["hbn-authors"].probes == {}  # probes are of hbn's runs only
+
+
+def test_the_study_resumes_and_its_report_pairs_variants_and_probes(tiny_study, tmp_path):
+    out, results = tiny_study
+    again = []
+    assert run_profile(TINY_STUDY, out, workers=1, on_done=lambda r, _: again.append(r)) == results
+    assert again == []
+    markdown, figure = tmp_path / "study.md", tmp_path / "study.png"
+    write_report(TINY_STUDY, results, markdown, figure, command="hbn-fed repro")
+    text = markdown.read_text()
+    assert "## Study of the statistics' warm-up and evaluation (held-out seeds)" in text
+    assert "| first (`statistics.warmup=first`) | vs `hbn-authors` |" in text
+    assert "| first, evaluated with `eval.statistics=fresh`, `eval.fresh_weight=0.5` |" in text
+    assert "## Accuracy" not in text  # no grid in a study profile
+    assert figure.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_stored_run_of_another_configuration_is_refused(tiny_study, tmp_path):
+    _, results = tiny_study
+    copy = tmp_path / "copy"
+    export_runs(results.study, tmp_path / "runs.jsonl")
+    import_runs(tmp_path / "runs.jsonl", copy)
+    changed = dataclasses.replace(TINY_STUDY, lr_decay=0.5)  # every run's train.lr_decay
+    with pytest.raises(StaleRunError, match=r"train\.lr_decay = 1\.0, now 0\.5; move it away"):
+        run_profile(changed, copy, workers=0)
+    # An option the stored configuration lacks counts as its default: still the same run.
+    path = copy / "runs" / f"{results.study[0].run.run_id}.json"
+    document = json.loads(path.read_text())
+    del document["config"]["statistics"]["warmup"]
+    path.write_text(json.dumps(document))
+    reused = run_profile(TINY_STUDY, copy, workers=0).study
+    assert [(r.run, r.curve) for r in reused] == [(r.run, r.curve) for r in results.study]
+    # ... but not where the run sets it otherwise.
+    first = next(r for r in results.study if r.run.variant == "first")
+    path = copy / "runs" / f"{first.run.run_id}.json"
+    document = json.loads(path.read_text())
+    del document["config"]["statistics"]["warmup"]
+    path.write_text(json.dumps(document))
+    with pytest.raises(StaleRunError, match=r"statistics\.warmup = None, now 'first'"):
+        run_profile(TINY_STUDY, copy, workers=0)
+
+
+def test_the_long_profile_is_the_issues_protocol_with_the_grids_tuned_lrs():
+    long = PROFILES["long"]
+    assert set(long.methods) >= {"hbn", "hbn-authors", "bn", "fixbn"}
+    assert long.rounds >= 150
+    assert len(long.seeds) == 3
+    assert (long.data, long.num_clients, long.fraction) == ("fashion-mnist", 100, 0.1)
+    assert set(long.settings) == {Setting("dirichlet", 0.6, 4), Setting("dirichlet", 0.1, 4)}
+    stored = [
+        json.loads(line) for line in (ROOT / "docs/results-runs.jsonl").read_text().splitlines()
+    ]
+    tuning = [RunResult.from_json(d) for d in stored if d["run"]["phase"] == "tune"]
+    grid_lrs = tuned_lrs(tuning)
+    assert long.lrs == {(m, 4): grid_lrs[m, 4] for m in long.methods}
+    runs = plan(long, long.lrs)
+    assert len(runs) == long.run_count == 24
+    # Its runs never take the ids of the 20-round grid's, so both share a store.
+    full = PROFILES["full"]
+    grid_ids = {r.run_id for r in plan(full, tuned_lrs(tuning))}
+    assert not grid_ids & {r.run_id for r in runs}
+    config = runs[0].config(long)
+    assert (config.train.lr_decay, config.eval.every, config.eval.final_rounds) == (0.998, 10, 10)
+
+
+def test_the_long_profile_resumes_where_it_stopped_and_reports_the_gap(tmp_path):
+    out = tmp_path / "long"
+    first = run_profile(TINY_LONG, out, workers=1)
+    assert len(first.grid) == TINY_LONG.grid_size == 2
+    # Interrupted before its last run ended: that run's file is missing.
+    missing = first.grid[-1].run
+    (out / "runs" / f"{missing.run_id}.json").unlink()
+    finished = []
+    results = run_profile(TINY_LONG, out, workers=1, on_done=lambda r, _: finished.append(r))
+    assert finished == [missing]  # the stored run is not rerun
+    assert [(r.run, r.curve) for r in results.grid] == [(r.run, r.curve) for r in first.grid]
+    assert all(r.run.run_id.startswith("long-") for r in results.grid)
+    # The same ids with another horizon are other runs: refused, never reused.
+    with pytest.raises(StaleRunError, match="holds another run than long-"):
+        run_profile(dataclasses.replace(TINY_LONG, rounds=5), out, workers=0)
+    assert not results.tuning  # fixed lrs: no tuning
+    for result in results.grid:
+        assert result.config["train"]["lr_decay"] == 0.9
+        assert [r for r, _ in result.curve] == [1, 2, 3, 4, 5, 6]  # each of the last 10
+    markdown, figure = tmp_path / "long.md", tmp_path / "long.png"
+    write_report(TINY_LONG, results, markdown, figure, command="hbn-fed repro --profile long")
+    text = markdown.read_text()
+    assert "lr x 0.9 per round" in text
+    gap = text.split("## The gap over rounds")[1]
+    assert "| `hbn` - `bn` | " in gap
+    assert "Fixed: the `full` profile's tuned lrs" in text
+    assert figure.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_command_line_refuses_a_stale_run_in_one_line(quick_results, tmp_path, capsys):
+    from federation import cli
+
+    _, results, _ = quick_results
+    stale = results.grid[0].to_json()
+    stale["config"]["train"]["lr"] = 0.123
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / f"{results.grid[0].run.run_id}.json").write_text(json.dumps(stale))
+    for stored in results.tuning:  # the lrs the grid is planned with
+        (tmp_path / "runs" / f"{stored.run.run_id}.json").write_text(json.dumps(stored.to_json()))
+    argv = ["repro", "--profile", "quick", "--out", str(tmp_path), "--workers", "0", "--quiet"]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    assert captured.out.startswith("cannot start:")
+    assert "train.lr = 0.123, now" in captured.out
+    assert "move it away to rerun it" in " ".join(captured.out.split())

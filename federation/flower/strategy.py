@@ -215,8 +215,10 @@ class HBNStrategy(_FedAvgFamily):
         if self.hbn_layers and messages:
             reports, faults = self._query_statistics(server_round, nodes, arrays, grid)
             settings = self.hbn_config.statistics
+            # The blend's index counts committed rounds (a failed round blends nothing), as
+            # the embedded simulation's does: statistics.warmup schedules by it.
             statistics = protocol.next_statistics(
-                state, list(reports.values()), settings, self.hbn_layers, server_round - 1
+                state, list(reports.values()), settings, self.hbn_layers, len(self.history)
             )
         self._clock = time.perf_counter()
         self._pending = FlowerRound(

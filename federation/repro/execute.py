@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import dataclasses
 import functools
 import importlib
@@ -16,19 +17,29 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from federation.data import load_dataset
-from federation.repro.plan import TUNING_SCORE_ROUNDS, Run, plan, plan_ablation, plan_candidates
-from federation.repro.statistics import Summary
+from federation.repro.plan import (
+    TUNING_SCORE_ROUNDS,
+    Run,
+    plan,
+    plan_ablation,
+    plan_candidates,
+    plan_study,
+)
+from federation.repro.statistics import LAST_ROUNDS, Summary
 
 if TYPE_CHECKING:
     import pathlib
     from collections.abc import Callable, Mapping, Sequence
 
+    from federation.config import Config
     from federation.data import Dataset
+    from federation.protocol import RoundRecord
     from federation.repro.plan import Profile
 
 __all__ = [
     "Results",
     "RunResult",
+    "StaleRunError",
     "execute",
     "export_runs",
     "import_runs",
@@ -53,6 +64,14 @@ class RunResult:
         ``(round, accuracy)`` of every evaluated round; FedBN's personalised accuracy.
     seconds
         Its wall time.
+    config
+        The resolved configuration it ran with (:meth:`federation.config.Config.to_dict`);
+        ``None`` for runs stored before configurations were recorded.
+    probes
+        A study's probes: each probe's ``(round, accuracy)`` curve (see
+        :class:`~federation.repro.plan.Study`).
+    probe_seconds
+        The probes' share of ``seconds``.
     """
 
     run: Run
@@ -60,16 +79,29 @@ class RunResult:
     curve: Curve
     personal_curve: Curve
     seconds: float
+    config: dict[str, Any] | None = None
+    probes: dict[str, Curve] = dataclasses.field(default_factory=dict)
+    probe_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """The stored document (``OUT/runs/<run id>.json``, a line of an export)."""
-        return {
+        document: dict[str, Any] = {
             "run": self.run.to_json(),
             "summary": self.summary.to_json(),
             "curve": [list(point) for point in self.curve],
             "personal_curve": [list(point) for point in self.personal_curve],
             "seconds": self.seconds,
         }
+        if self.config is not None:
+            document["config"] = self.config
+        if self.probes:
+            document["probes"] = {
+                name: {"curve": [list(point) for point in curve], "last10_mean_accuracy": mean}
+                for name, curve in self.probes.items()
+                for mean in [_last10_mean(curve)]
+            }
+            document["probe_seconds"] = self.probe_seconds
+        return document
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> RunResult:
@@ -86,11 +118,29 @@ class RunResult:
             curve=_curve(document["curve"]),
             personal_curve=_curve(document.get("personal_curve", [])),
             seconds=float(document["seconds"]),
+            config=document.get("config"),
+            probes={
+                name: _curve(probe["curve"]) for name, probe in document.get("probes", {}).items()
+            },
+            probe_seconds=float(document.get("probe_seconds", 0.0)),
         )
+
+    def probe_mean(self, name: str) -> float | None:
+        """A probe's mean accuracy over its last 10 evaluated rounds (``None`` if absent)."""
+        return _last10_mean(self.probes[name]) if name in self.probes else None
 
 
 def _curve(points: Sequence[Sequence[Any]]) -> Curve:
     return tuple((int(round_), float(accuracy)) for round_, accuracy in points)
+
+
+def _last10_mean(curve: Curve) -> float:
+    """The mean accuracy of a curve's last 10 points (the summary's metric)."""
+    return float(np.mean([accuracy for _, accuracy in curve[-LAST_ROUNDS:]]))
+
+
+class StaleRunError(ValueError):
+    """A stored run was made with another configuration than its run has now."""
 
 
 class Results(NamedTuple):
@@ -100,6 +150,7 @@ class Results(NamedTuple):
     grid: list[RunResult]
     ablation: list[RunResult]
     candidates: list[RunResult]
+    study: list[RunResult]
 
 
 @functools.cache
@@ -114,13 +165,34 @@ def _one_thread() -> None:
 
 
 def execute(run: Run, profile: Profile, out_dir: pathlib.Path) -> RunResult:
-    """Run ``run`` and write its result file atomically; return the result as stored."""
+    """Run ``run`` and write its result file atomically; return the result as stored.
+
+    A study run of ``hbn`` also evaluates each of the study's probes on each evaluated round,
+    with the probe's configuration and the run's state, read only.
+    """
     from federation.simulation import Simulation
 
     config = run.config(profile)
     start = time.perf_counter()
     simulation = Simulation(config, dataset=_dataset(profile.data, 0))
-    history = simulation.run()
+    probes = _probe_configs(run, profile)
+    probe_curves: dict[str, list[tuple[int, float]]] = {name: [] for name in probes}
+    probe_seconds = 0.0
+
+    def evaluate_probes(record: RoundRecord) -> None:
+        nonlocal probe_seconds
+        if record.accuracy is None:
+            return
+        probe_start = time.perf_counter()
+        sampled = [simulation.clients[i] for i in record.sampled]
+        for name, probe_config in probes.items():
+            view = copy.copy(simulation)  # the run's state and models, evaluated as configured
+            view.config = probe_config
+            accuracy, _ = view.evaluate(simulation.state, record.round - 1, sampled, [])
+            probe_curves[name].append((record.round, accuracy))
+        probe_seconds += time.perf_counter() - probe_start
+
+    history = simulation.run(on_round=evaluate_probes if probes else None)
     result = RunResult(
         run=run,
         summary=simulation.summary(),
@@ -129,10 +201,23 @@ def execute(run: Run, profile: Profile, out_dir: pathlib.Path) -> RunResult:
             (r.round, r.personal_accuracy) for r in history if r.personal_accuracy is not None
         ),
         seconds=time.perf_counter() - start,
+        config=config.to_dict(),
+        probes={name: tuple(curve) for name, curve in probe_curves.items()},
+        probe_seconds=probe_seconds,
     )
     document = result.to_json()
     _write_json(out_dir / "runs" / f"{run.run_id}.json", document)
     return RunResult.from_json(json.loads(json.dumps(document)))
+
+
+def _probe_configs(run: Run, profile: Profile) -> dict[str, Config]:
+    """The configuration of each probe ``run`` evaluates with (study runs of ``hbn`` only)."""
+    if run.phase != "study" or run.method != "hbn" or profile.study is None:
+        return {}
+    return {
+        name: dataclasses.replace(run, overrides=run.overrides + overrides).config(profile)
+        for name, overrides in profile.study.probes.items()
+    }
 
 
 def _write_json(path: pathlib.Path, document: dict[str, Any]) -> None:
@@ -176,11 +261,54 @@ def import_runs(path: pathlib.Path, out_dir: pathlib.Path) -> int:
     return added
 
 
-def _stored(run: Run, out_dir: pathlib.Path) -> RunResult | None:
+def _stored(run: Run, profile: Profile, out_dir: pathlib.Path) -> RunResult | None:
+    """The stored result of ``run``, or ``None``.
+
+    Raises
+    ------
+    StaleRunError
+        If the stored run is another run under the same id (another number of rounds, say),
+        or records a configuration other than ``run``'s now (a method's
+        defaults changed since, say): it is never silently reused; move its file away to rerun
+        it. An option the stored configuration lacks counts as its default (options are added
+        with the former behaviour as default); runs stored before configurations were recorded
+        are taken as they are.
+    """
     path = out_dir / "runs" / f"{run.run_id}.json"
     if not path.exists():
         return None
-    return RunResult.from_json(json.loads(path.read_text()))
+    result = RunResult.from_json(json.loads(path.read_text()))
+    if result.run != run:
+        msg = f"{path} holds another run than {run.run_id} now: {result.run}; move it away."
+        raise StaleRunError(msg)
+    if result.config is not None:
+        planned = run.config(profile)
+        defaults = _flat(json.loads(json.dumps(type(planned)().to_dict())))
+        stored, now = _flat(result.config), _flat(json.loads(json.dumps(planned.to_dict())))
+        changed = sorted(
+            key
+            for key in stored.keys() | now.keys()
+            if stored.get(key, defaults.get(key)) != now.get(key, defaults.get(key))
+        )
+        if changed:
+            msg = (
+                f"{path} was run with another configuration than {run.run_id} has now: "
+                f"{', '.join(f'{k} = {stored.get(k)!r}, now {now.get(k)!r}' for k in changed)}; "
+                "move it away to rerun it."
+            )
+            raise StaleRunError(msg)
+    return result
+
+
+def _flat(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` as ``{"train.lr": 0.1}`` (a table option stays whole)."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict) and key != "frameworks":
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _remove_stale_files(out_dir: pathlib.Path) -> None:
@@ -200,7 +328,7 @@ def _execute_all(
     results: dict[Run, RunResult] = {}
     pending = []
     for run in runs:
-        stored = _stored(run, out_dir)
+        stored = _stored(run, profile, out_dir)
         if stored is None:
             pending.append(run)
         else:
@@ -247,14 +375,29 @@ def run_profile(
 ) -> Results:
     """Run (or resume) ``profile``'s phases in order, and return their results.
 
-    ``on_done(run, result)`` is called as each run that was not stored yet ends. With
-    ``workers = 0`` nothing runs: the results are those stored so far (for a report of an
-    unfinished grid). Temporary files that killed runs left are removed first.
+    lr tuning comes first unless the profile fixes its ``lrs``; then its ``phases``, in the
+    order grid, ablation, study, candidates. ``on_done(run, result)`` is called as each run
+    that was not stored yet ends. With ``workers = 0`` nothing runs: the results are those
+    stored so far (for a report of an unfinished grid, even while another process runs it).
+    Otherwise temporary files that killed runs left are removed first.
+
+    Raises
+    ------
+    StaleRunError
+        If a stored run was made with another configuration than its run has now.
     """
-    _remove_stale_files(out_dir)
-    tuning = _execute_all(plan(profile), profile, out_dir, workers, on_done)
-    lrs = tuned_lrs(tuning)
-    grid = _execute_all(plan(profile, lrs), profile, out_dir, workers, on_done)
-    ablation = _execute_all(plan_ablation(profile, lrs), profile, out_dir, workers, on_done)
-    candidates = _execute_all(plan_candidates(profile, lrs), profile, out_dir, workers, on_done)
-    return Results(tuning, grid, ablation, candidates)
+    if workers:
+        _remove_stale_files(out_dir)
+
+    def phase(name: str, runs: list[Run]) -> list[RunResult]:
+        if name not in profile.phases:
+            return []
+        return _execute_all(runs, profile, out_dir, workers, on_done)
+
+    tuning = [] if profile.lrs else _execute_all(plan(profile), profile, out_dir, workers, on_done)
+    lrs = profile.lrs or tuned_lrs(tuning)
+    grid = phase("grid", plan(profile, lrs))
+    ablation = phase("ablation", plan_ablation(profile, lrs))
+    study = phase("study", plan_study(profile, lrs))
+    candidates = phase("candidates", plan_candidates(profile, lrs))
+    return Results(tuning, grid, ablation, candidates, study)

@@ -19,9 +19,11 @@ __all__ = [
     "Profile",
     "Run",
     "Setting",
+    "Study",
     "plan",
     "plan_ablation",
     "plan_candidates",
+    "plan_study",
 ]
 
 # A tuning run's score: its mean accuracy over this many last rounds.
@@ -46,8 +48,50 @@ class Setting:
 
 
 @dataclasses.dataclass(frozen=True)
+class Study:
+    """Variants measured on seeds kept apart from the reported ones, paired with baselines.
+
+    ``variants`` maps a variant's name to its method and configuration overrides; a variant
+    named after a method, without overrides (``"hbn"``, ``"hbn-authors"``), is that baseline.
+
+    ``probes`` maps a name to evaluation overrides (``eval.*`` keys only) that every ``hbn``
+    run of the study also evaluates with, on each evaluated round, next to its own evaluation.
+    Evaluation never changes training (``tests/test_statistics_schedule.py``), so a probe
+    measures exactly what a run configured with those overrides would, on the same training
+    trajectory (``tests/test_repro.py`` checks it bit for bit), at the cost of its evaluation
+    alone.
+    """
+
+    settings: tuple[Setting, ...]
+    seeds: tuple[int, ...]
+    variants: dict[str, tuple[str, tuple[str, ...]]]
+    baselines: tuple[str, ...] = ("hbn", "hbn-authors")
+    probes: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, overrides in self.probes.items():
+            if not all(o.startswith("eval.") for o in overrides):
+                msg = f"probe {name!r} must override `eval.*` keys only; got {overrides}."
+                raise ValueError(msg)
+
+    @property
+    def run_count(self) -> int:
+        """The study's runs: variants x settings x seeds."""
+        return len(self.variants) * len(self.settings) * len(self.seeds)
+
+
+@dataclasses.dataclass(frozen=True)
 class Profile:
-    """A grid: data, federation, settings, seeds, rounds and the lr grid per batch size."""
+    """A grid: data, federation, settings, seeds, rounds and the lr grid per batch size.
+
+    ``phases`` are those :func:`~federation.repro.execute.run_profile` runs after lr tuning
+    (of ``"grid"``, ``"ablation"``, ``"study"`` and ``"candidates"``). ``lrs`` fixes each
+    (method, batch size)'s lr and skips tuning; ``lr_decay``, when set, is every method's
+    per-round lr decay (``train.lr_decay``). ``gap_rounds`` are rounds at which the report
+    compares ``hbn`` with the baselines, to show how the gap moves with training.
+    ``grid_phase`` names its grid runs (it starts their ids), so that grids of other horizons
+    can share a store.
+    """
 
     name: str
     data: str
@@ -65,6 +109,12 @@ class Profile:
     ablations: dict[str, tuple[str, ...]]
     candidates: dict[str, tuple[str, ...]]
     methods: tuple[str, ...] = GRID_METHODS
+    phases: tuple[str, ...] = ("grid", "ablation", "candidates")
+    study: Study | None = None
+    lrs: dict[tuple[str, int], float] = dataclasses.field(default_factory=dict)
+    lr_decay: float | None = None
+    gap_rounds: tuple[int, ...] = ()
+    grid_phase: str = "grid"
 
     @property
     def grid_size(self) -> int:
@@ -73,11 +123,15 @@ class Profile:
 
     @property
     def run_count(self) -> int:
-        """Every run of the profile: lr tuning, ablations, grid and candidates."""
-        tuning = len(self.methods) * sum(len(lrs) for lrs in self.lr_grid.values())
-        ablations = len(self.ablations) * len(self.seeds)
-        candidates = len(self.candidates) * len(self.settings) * len(self.seeds)
-        return tuning + ablations + self.grid_size + candidates
+        """Every run of the profile: lr tuning and its phases."""
+        counts = {
+            "grid": self.grid_size,
+            "ablation": len(self.ablations) * len(self.seeds),
+            "study": self.study.run_count if self.study else 0,
+            "candidates": len(self.candidates) * len(self.settings) * len(self.seeds),
+        }
+        tuning = 0 if self.lrs else len(self.methods) * sum(map(len, self.lr_grid.values()))
+        return tuning + sum(counts[phase] for phase in self.phases)
 
 
 def _settings(
@@ -112,6 +166,33 @@ HBN_CANDIDATES = {
     ),
 }
 
+# Issue 18's study of where `hbn` loses a point to `hbn-authors`, keeping the pool exact: the
+# initial (0, 1) lingering in the EMA (H1: the warm-ups, which change training, so each is a
+# variant) and evaluation statistics one round stale (H2: the next round's pool, measured on the
+# evaluated model, alone or blended in; evaluation only, so each weight is a probe of every
+# `hbn` run, and each warm-up run probed is the combination of both). On seeds 100-102, apart
+# from the reported 0-2, on the two heterogeneous splits at batch 4, both HBN baselines paired.
+FRESH = "eval.statistics=fresh"
+STATISTICS_STUDY = Study(
+    settings=_settings([("dirichlet", 0.6), ("dirichlet", 0.1)], (4,)),
+    seeds=(100, 101, 102),
+    # In the order they run: an interrupted study holds the first ones whole.
+    variants={
+        "hbn-authors": ("hbn-authors", ()),
+        "hbn": ("hbn", ()),
+        "warm-up: cumulative mean": ("hbn", ("statistics.warmup=cumulative",)),
+        "warm-up: bias-corrected EMA": ("hbn", ("statistics.warmup=debias",)),
+        "warm-up: first pool whole": ("hbn", ("statistics.warmup=first",)),
+    },
+    probes={
+        f"fresh evaluation pool, weight {weight:g}": (FRESH, f"eval.fresh_weight={weight:g}")
+        for weight in (1.0, 0.5)
+    },
+)
+
+# The full profile's tuned lrs at B = 4 (docs/results.md's lr tuning, seed 100).
+TUNED_LRS_B4 = {("hbn", 4): 0.01, ("hbn-authors", 4): 0.01, ("bn", 4): 0.005, ("fixbn", 4): 0.005}
+
 PROFILES: dict[str, Profile] = {
     # Fashion-MNIST, 100 clients, 10% per round: about 2 hours with 2 workers on 2 cores.
     "full": Profile(
@@ -130,6 +211,57 @@ PROFILES: dict[str, Profile] = {
         ablation_setting=Setting("dirichlet", 0.6, 4),
         ablations=HBN_ABLATIONS,
         candidates=HBN_CANDIDATES,
+    ),
+    # The study alone (issue 18): the full profile's data and federation, fixed tuned lrs.
+    "study": Profile(
+        name="study",
+        data="fashion-mnist",
+        num_clients=100,
+        fraction=0.1,
+        rounds=20,
+        seeds=(),
+        settings=(),
+        lr_grid={},
+        tune_rounds=0,
+        tune_seed=100,
+        tune_split=("dirichlet", 0.6),
+        eval_every=5,
+        ablation_setting=Setting("dirichlet", 0.6, 4),
+        ablations={},
+        candidates={},
+        methods=("hbn", "hbn-authors"),
+        phases=("study",),
+        study=STATISTICS_STUDY,
+        lrs={k: v for k, v in TUNED_LRS_B4.items() if k[0].startswith("hbn")},
+    ),
+    # The paper's horizon (issue 18): HBN against BatchNorm where training has gone on. The
+    # grid's tuned lrs at B = 4, decayed by 0.998 per round for every method, as the authors'
+    # code does. Sized from the grid's stored B = 4 runs (2 workers on 2 cores): a round costs
+    # about 7.3 s for hbn, 5.5 s for hbn-authors, 4.0 s for bn and 4.4 s for fixbn, so a round
+    # of all 24 runs costs 127 s of one worker: 250 rounds take about 8.8 hours of one worker,
+    # 4.4 hours of 2. Evaluated every 10 rounds and in each of the last 10.
+    "long": Profile(
+        name="long",
+        data="fashion-mnist",
+        num_clients=100,
+        fraction=0.1,
+        rounds=250,
+        seeds=(0, 1, 2),
+        settings=_settings([("dirichlet", 0.6), ("dirichlet", 0.1)], (4,)),
+        lr_grid={},
+        tune_rounds=0,
+        tune_seed=100,
+        tune_split=("dirichlet", 0.6),
+        eval_every=10,
+        ablation_setting=Setting("dirichlet", 0.6, 4),
+        ablations={},
+        candidates={},
+        methods=("hbn", "hbn-authors", "bn", "fixbn"),
+        phases=("grid",),
+        grid_phase="long",
+        lrs=TUNED_LRS_B4,
+        lr_decay=0.998,
+        gap_rounds=(20, 50, 100, 150, 200, 250),
     ),
     # A smoke test for CI: digits, every method, one seed, a few rounds.
     "quick": Profile(
@@ -189,13 +321,16 @@ class Run:
         }
         if setting.partition == "dirichlet":
             data["beta"] = setting.beta
+        train: dict[str, Any] = {"batch_size": setting.batch_size, "lr": self.lr}
+        if profile.lr_decay is not None:
+            train["lr_decay"] = profile.lr_decay
         table = {
             "method": self.method,
             "seed": self.seed,
             "rounds": self.rounds,
             "data": data,
             "clients": {"fraction": profile.fraction, "min_clients": 1},
-            "train": {"batch_size": setting.batch_size, "lr": self.lr},
+            "train": train,
             "eval": self._evaluation(profile),
         }
         return parse_config(table, self.overrides)
@@ -256,7 +391,7 @@ def plan(profile: Profile, tuned_lr: dict[tuple[str, int], float] | None = None)
             for lr in lrs
         ]
     return [
-        Run("grid", m, s, seed, tuned_lr[m, s.batch_size], profile.rounds)
+        Run(profile.grid_phase, m, s, seed, tuned_lr[m, s.batch_size], profile.rounds)
         for seed in profile.seeds
         for s in profile.settings
         for m in profile.methods
@@ -274,6 +409,24 @@ def plan_ablation(profile: Profile, tuned_lr: dict[tuple[str, int], float]) -> l
         Run("ablation", "hbn", setting, seed, lr, profile.rounds, variant, overrides)
         for seed in profile.seeds
         for variant, overrides in profile.ablations.items()
+    ]
+
+
+def plan_study(profile: Profile, tuned_lr: dict[tuple[str, int], float]) -> list[Run]:
+    """Every variant of the profile's study on its settings and seeds, with its method's lr.
+
+    Ordered variant by variant, in the study's order (baselines first), so that an interrupted
+    study holds whole variants, each paired with the baselines on every seed.
+    """
+    study = profile.study
+    if study is None:
+        return []
+    return [
+        Run("study", method, s, seed, tuned_lr[method, s.batch_size], profile.rounds, name, o)
+        for name, (method, o) in study.variants.items()
+        for seed in study.seeds
+        for s in study.settings
+        if (method, s.batch_size) in tuned_lr
     ]
 
 

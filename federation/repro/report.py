@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from federation.repro.execute import tuned_lrs, tuning_score
-from federation.repro.plan import TUNING_SCORE_ROUNDS, Setting
+from federation.repro.plan import TUNING_SCORE_ROUNDS, Setting, Study
 from federation.repro.statistics import confidence_interval, verdict
 
 if TYPE_CHECKING:
@@ -48,7 +48,11 @@ def write_report(
     *,
     command: str,
 ) -> None:
-    """Write the tables (``markdown``) and the accuracy curves (``figure``)."""
+    """Write the tables (``markdown``) and the accuracy curves (``figure``).
+
+    A profile's report has the sections of its phases; a study's figure shows its variants'
+    curves, a grid's its methods'.
+    """
     markdown.parent.mkdir(parents=True, exist_ok=True)
     grid = results.grid
     lines = [
@@ -58,22 +62,61 @@ def write_report(
         "we found where they disagree with the paper: [results-discussion.md]"
         "(results-discussion.md).",
         "",
-        *_setup_lines(profile, grid, command),
-        *_main_tables(profile, grid),
-        *_verdict_lines(profile, grid, "hbn"),
-        *_verdict_lines(profile, grid, "hbn-authors"),
-        *_personal_lines(profile, grid),
-        *_ablation_lines(profile, grid, results.ablation),
-        *_candidate_lines(profile, grid, results.candidates),
-        *_tuning_lines(profile, results.tuning),
+        *_setup_lines(profile, results, command),
     ]
+    if "grid" in profile.phases:
+        lines += [
+            *_main_tables(profile, grid),
+            *_verdict_lines(profile, grid, "hbn"),
+            *_verdict_lines(profile, grid, "hbn-authors"),
+            *_gap_lines(profile, grid),
+            *_personal_lines(profile, grid),
+        ]
+    if "ablation" in profile.phases:
+        lines += _ablation_lines(profile, grid, results.ablation)
+    if profile.study is not None and "study" in profile.phases:
+        lines += _study_lines(profile.study, results.study)
+    if "candidates" in profile.phases:
+        lines += _candidate_lines(profile, grid, results.candidates)
+    lines += _tuning_lines(profile, results.tuning)
     markdown.write_text("\n".join(lines) + "\n")
-    _plot(profile, grid, figure)
+    if "grid" in profile.phases:
+        _plot(profile.settings, _method_curves(profile, grid), figure)
+    elif profile.study is not None:
+        _plot(profile.study.settings, _variant_curves(profile.study, results.study), figure)
 
 
-def _setup_lines(profile: Profile, grid: Sequence[RunResult], command: str) -> list[str]:
+def _setup_lines(profile: Profile, results: Results, command: str) -> list[str]:
+    grid = results.grid
     seconds = sum(r.seconds for r in grid)
     complete = len(grid) == profile.grid_size
+    decay = "" if profile.lr_decay is None else f", lr x {profile.lr_decay:g} per round"
+    evaluated = (
+        f"evaluated every {profile.eval_every} rounds and in each of the last 10"
+        if profile.eval_every > 1
+        else "evaluated every round"
+    )
+    if "grid" not in profile.phases and profile.study is not None:
+        study = results.study
+        return [
+            "## Set-up",
+            "",
+            f"- Command: `{command}`",
+            f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}, {platform.platform()}",
+            f"- Data: `{profile.data}`, {profile.num_clients} clients, {profile.fraction:.0%} "
+            "per round; Simple-CNN; torch clients.",
+            f"- {profile.rounds} rounds, 1 local epoch, SGD momentum 0.9, clip 10{decay}; "
+            f"{evaluated}.",
+            "- Metric: mean test accuracy (%) of the last 10 rounds, mean ± 95% CI over seeds"
+            " (t-interval); paired differences in points, a win or loss where their CI"
+            " excludes 0.",
+            f"- Study runs stored: {len(study)} of {profile.study.run_count}"
+            + ("" if len(study) == profile.study.run_count else " (**incomplete**)")
+            + f"; compute {sum(r.seconds for r in study) / 3600:.2f} h (sum of run times,"
+            f" of which probes {sum(r.probe_seconds for r in study) / 3600:.2f} h).",
+            "",
+        ]
     return [
         "## Set-up",
         "",
@@ -82,8 +125,8 @@ def _setup_lines(profile: Profile, grid: Sequence[RunResult], command: str) -> l
         f"Python {platform.python_version()}, {platform.platform()}",
         f"- Data: `{profile.data}`, {profile.num_clients} clients, {profile.fraction:.0%} per "
         "round; Simple-CNN; torch clients.",
-        f"- {profile.rounds} rounds, 1 local epoch, SGD momentum 0.9, clip 10; "
-        f"seeds {list(profile.seeds)}.",
+        f"- {profile.rounds} rounds, 1 local epoch, SGD momentum 0.9, clip 10{decay}; "
+        f"seeds {list(profile.seeds)}; {evaluated}.",
         "- Metric: mean test accuracy (%) of the last 10 rounds, mean ± 95% CI over seeds"
         " (t-interval). **Bold**: the best mean of a column.",
         f"- Grid runs stored: {len(grid)} of {profile.grid_size}"
@@ -258,7 +301,147 @@ def _difference(values: dict[int, float], reference: dict[int, float]) -> str:
     return f"{_format(mean, half)} ({outcome})"
 
 
+def _accuracy_near(result: RunResult, round_number: int, step: int) -> float | None:
+    """The mean accuracy of rounds ``round_number - 2 step``, ``- step`` and itself.
+
+    ``None`` unless all three were evaluated.
+    """
+    wanted = {round_number - 2 * step, round_number - step, round_number}
+    values = [accuracy for r, accuracy in result.curve if r in wanted]
+    return float(np.mean(values)) if len(values) == len(wanted) else None
+
+
+def _gap_lines(profile: Profile, grid: Sequence[RunResult]) -> list[str]:
+    """``hbn``'s and ``hbn-authors``' paired gap to each baseline at the profile's gap rounds."""
+    if not profile.gap_rounds:
+        return []
+    rounds, step = profile.gap_rounds, profile.eval_every
+    lines = [
+        "## The gap over rounds",
+        "",
+        "Paired difference in accuracy points (mean ± 95% CI over seeds) at round r, each run's"
+        f" accuracy there being the mean of rounds r - {2 * step}, r - {step} and r:",
+        "",
+    ]
+    for setting in profile.settings:
+        near: dict[str, dict[int, dict[int, float]]] = {}
+        for result in grid:
+            if result.run.setting != setting:
+                continue
+            for r in rounds:
+                value = _accuracy_near(result, r, step)
+                if value is not None:
+                    near.setdefault(result.run.method, {}).setdefault(r, {})[result.run.seed] = (
+                        value
+                    )
+        lines += [
+            f"{setting.label}:",
+            "",
+            "| comparison | " + " | ".join(f"round {r}" for r in rounds) + " |",
+            "|---" * (len(rounds) + 1) + "|",
+        ]
+        for ours in ("hbn", "hbn-authors"):
+            for method in (m for m in profile.methods if m not in ("hbn", ours)):
+                row = [
+                    _difference(near.get(ours, {}).get(r, {}), near.get(method, {}).get(r, {}))
+                    for r in rounds
+                ]
+                lines.append(f"| `{ours}` - `{method}` | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+def _study_lines(study: Study, results: Sequence[RunResult]) -> list[str]:
+    """Each variant's accuracy per setting, and its paired differences from the baselines."""
+    if not results:
+        return []
+    by_variant = {
+        name: _by_cell([r for r in results if r.run.variant == name]) for name in study.variants
+    }
+    lines = [
+        "## Study of the statistics' warm-up and evaluation (held-out seeds)",
+        "",
+        f"Variants of `hbn` on seeds {list(study.seeds)}, kept apart from the reported ones,"
+        f" paired with {', '.join(f'`{b}`' for b in study.baselines)} on the same seeds."
+        " Accuracy (%), and paired differences (points):",
+        "",
+        "| variant | | " + " | ".join(s.label for s in study.settings) + " |",
+        "|---" * (len(study.settings) + 2) + "|",
+    ]
+    for name, (method, overrides) in study.variants.items():
+        values = [by_variant[name].get((method, s), {}) for s in study.settings]
+        rows = {
+            "accuracy": [
+                _format(*confidence_interval(list(v.values()))) if v else "-" for v in values
+            ],
+            **{
+                f"vs `{baseline}`": [
+                    _difference(v, by_variant.get(baseline, {}).get((baseline, s), {}))
+                    for v, s in zip(values, study.settings, strict=True)
+                ]
+                for baseline in study.baselines
+                if baseline != name
+            },
+        }
+        options = ", ".join(f"`{o}`" for o in overrides)
+        label = f"{name} ({options})" if options else f"`{name}`"
+        lines += [f"| {label} | {row} | " + " | ".join(cells) + " |" for row, cells in rows.items()]
+    return [*lines, "", *_probe_lines(study, results, by_variant)]
+
+
+def _probe_lines(
+    study: Study, results: Sequence[RunResult], by_variant: dict[str, Cells]
+) -> list[str]:
+    """Each probe's accuracy on each ``hbn`` variant's runs, paired with the runs' own."""
+    if not study.probes:
+        return []
+    authors = {
+        s: by_variant.get("hbn-authors", {}).get(("hbn-authors", s), {}) for s in study.settings
+    }
+    lines = [
+        "Evaluation statistics probed on the same runs (training unchanged; a probe equals a run"
+        " configured with it): accuracy, and paired differences from the runs' own evaluation"
+        " (the evaluation statistics' effect alone) and from `hbn-authors`:",
+        "",
+        "| runs, evaluated with | | " + " | ".join(s.label for s in study.settings) + " |",
+        "|---" * (len(study.settings) + 2) + "|",
+    ]
+    for variant, (method, _) in study.variants.items():
+        runs = [r for r in results if r.run.variant == variant]
+        if method != "hbn" or not runs:
+            continue
+        for probe, overrides in study.probes.items():
+            probed: dict[Setting, dict[int, float]] = {}
+            for result in runs:
+                value = result.probe_mean(probe)
+                if value is not None:
+                    probed.setdefault(result.run.setting, {})[result.run.seed] = value
+            values = [probed.get(s, {}) for s in study.settings]
+            own = by_variant[variant]
+            rows = {
+                "accuracy": [
+                    _format(*confidence_interval(list(v.values()))) if v else "-" for v in values
+                ],
+                "vs own evaluation": [
+                    _difference(v, own.get((method, s), {}))
+                    for v, s in zip(values, study.settings, strict=True)
+                ],
+                "vs `hbn-authors`": [
+                    _difference(v, authors[s]) for v, s in zip(values, study.settings, strict=True)
+                ],
+            }
+            options = ", ".join(f"`{o}`" for o in overrides)
+            lines += [
+                f"| {variant}, evaluated with {options} | {row} | " + " | ".join(cells) + " |"
+                for row, cells in rows.items()
+            ]
+    return [*lines, ""]
+
+
 def _tuning_lines(profile: Profile, tuning: Sequence[RunResult]) -> list[str]:
+    if profile.lrs:
+        given = ", ".join(f"`{m}` {lr:g} (B = {size})" for (m, size), lr in profile.lrs.items())
+        return ["## lr", "", f"Fixed: the `full` profile's tuned lrs, {given}.", ""]
     split, beta = profile.tune_split
     chosen = tuned_lrs(tuning)
     lines = [
@@ -288,21 +471,46 @@ def _tuning_lines(profile: Profile, tuning: Sequence[RunResult]) -> list[str]:
     return lines
 
 
-def _plot(profile: Profile, grid: Sequence[RunResult], path: pathlib.Path) -> None:
-    """Mean test accuracy over seeds per round, one panel per setting."""
+Curves = dict[tuple[str, Setting], list[tuple[tuple[int, float], ...]]]
+
+
+def _method_curves(profile: Profile, grid: Sequence[RunResult]) -> Curves:
+    """Each (method, setting)'s accuracy curves, one per seed."""
+    return {
+        (method, s): curves
+        for method in profile.methods
+        for s in profile.settings
+        for curves in [[r.curve for r in grid if r.run.method == method and r.run.setting == s]]
+        if curves
+    }
+
+
+def _variant_curves(study: Study, results: Sequence[RunResult]) -> Curves:
+    """Each (study variant, setting)'s accuracy curves, one per seed."""
+    return {
+        (name, s): curves
+        for name in study.variants
+        for s in study.settings
+        for curves in [[r.curve for r in results if r.run.variant == name and r.run.setting == s]]
+        if curves
+    }
+
+
+def _plot(settings: Sequence[Setting], curves: Curves, path: pathlib.Path) -> None:
+    """Mean test accuracy over seeds per round, one panel per setting, a line per label."""
     from matplotlib.figure import Figure
 
-    columns = len({s.partition + str(s.beta) for s in profile.settings})
-    rows = -(-len(profile.settings) // columns)
+    columns = len({s.partition + str(s.beta) for s in settings})
+    rows = -(-len(settings) // columns)
     figure = Figure(figsize=(4.2 * columns, 3.4 * rows))
     axes = np.atleast_1d(figure.subplots(rows, columns, sharey=True)).ravel()
-    for axis, setting in zip(axes, profile.settings, strict=False):
-        for method in profile.methods:
-            curves = [r.curve for r in grid if r.run.method == method and r.run.setting == setting]
-            if curves:
-                rounds = [point[0] for point in curves[0]]
-                mean = np.mean([[point[1] for point in c] for c in curves], axis=0)
-                axis.plot(rounds, mean, label=method, linewidth=2 if method == "hbn" else 1)
+    for axis, setting in zip(axes, settings, strict=False):
+        for (label, where), runs in curves.items():
+            length = min(len(c) for c in runs)  # an unfinished seed's curve is shorter
+            if where == setting and length:
+                rounds = [point[0] for point in runs[0][:length]]
+                mean = np.mean([[point[1] for point in c[:length]] for c in runs], axis=0)
+                axis.plot(rounds, mean, label=label, linewidth=2 if label == "hbn" else 1)
         axis.set(title=setting.label, xlabel="round", ylabel="test accuracy")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
