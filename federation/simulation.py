@@ -387,14 +387,11 @@ class Simulation:
         weights = {**state.global_state, **state.personal_average}
         if self.config.eval.statistics == "fresh" and self.hbn_layers:
             following = round_index + 1
-            reports, _ = self._statistics_step(
-                state,
-                following,
-                self.sample_clients(following),
-                faults,
-                None,
-                step="evaluation statistics",
+            settled, _ = self._statistics_step(
+                state, following, self.sample_clients(following), None, step="evaluation statistics"
             )
+            faults += settled.faults
+            reports = steps.require(settled, self.config.clients.min_clients)
             pooled = protocol.pool_statistics(list(reports.values()), self.config.statistics)
             fresh = protocol.fresh_evaluation_statistics(
                 protocol.global_statistics(state.global_state, self.hbn_layers),
