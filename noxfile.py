@@ -70,7 +70,8 @@ def run_pytest(
 ) -> None:
     """Run pytest over the cores; ``require`` lists the markers that must pass at least one test."""
     environment = {"HBN_REQUIRE": require, **(env or {})}
-    session.run("pytest", *PARALLEL, *args, *session.posargs, env=environment)
+    # The slowest tests are listed at the end: what to trim when CI's time grows.
+    session.run("pytest", *PARALLEL, "--durations=10", *args, *session.posargs, env=environment)
 
 
 def build_torch_operator(session: nox.Session) -> None:
