@@ -83,8 +83,15 @@ DOCTEST_MARKERS = {
 }
 
 
+# Modules whose tests each run a pytest session or a deployment of their own, minutes long.
+# Collected first, pytest-xdist starts them at once and spreads the short tests around them,
+# rather than leaving one of them to run alone at the end.
+LONGEST_FIRST = frozenset({"test_keras_backends.py", "test_flower_deployment.py"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Doctests of framework modules need their framework: mark them for its session."""
+    """Put the longest tests first; mark the doctests of framework modules for their session."""
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: order kept
     for item in items:
         if isinstance(item, pytest.DoctestItem):
             marker = DOCTEST_MARKERS.get((item.path.parent.name, item.path.name))
