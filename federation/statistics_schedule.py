@@ -3,7 +3,9 @@ r"""The momentum schedule of the global statistics' EMA (``statistics.warmup``):
 The protocol blends each round's exact pool :math:`p_t` (the statistics of round :math:`t`'s
 clients' data under the model they downloaded) into the global statistics,
 
-.. math:: g_t = (1 - m_t)\, g_{t-1} + m_t\, p_t, \qquad g_0 = (0, 1),
+.. math::
+
+    g_t = (1 - m_t)\, g_{t-1} + m_t\, p_t, \qquad g_0 = (0, 1),
 
 mean and (population) variance alike, channel by channel
 (:func:`federation.protocol.next_statistics`). The warm-up chooses the momentum :math:`m_t` of
