@@ -89,10 +89,22 @@ DOCTEST_MARKERS = {
 LONGEST_FIRST = frozenset({"test_keras_backends.py", "test_flower_deployment.py"})
 
 
+# Module-scoped fixtures that run a federation or a reproduction profile (up to a minute each).
+# pytest-xdist computes a module fixture once in every worker that runs one of its tests, so
+# the tests that use one are kept in one worker (an ``xdist_group`` per module and fixture).
+SHARED_EXPENSIVE_FIXTURES = frozenset({"quick_results", "tiny_study", "written"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Put the longest tests first; mark the doctests of framework modules for their session."""
+    """Order and group the tests for pytest-xdist; mark the doctests of framework modules.
+
+    The longest tests go first, and the tests sharing an expensive module fixture share a worker.
+    """
     items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: order kept
     for item in items:
+        for fixture in SHARED_EXPENSIVE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}.{fixture}"))
         if isinstance(item, pytest.DoctestItem):
             marker = DOCTEST_MARKERS.get((item.path.parent.name, item.path.name))
             if marker is not None:

@@ -18,7 +18,10 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import re
 import shutil
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -28,6 +31,9 @@ import nox
 
 nox.options.sessions = ["tests-core", "lint"]
 nox.options.error_on_external_run = True
+# uv creates and fills the environments, several times faster than pip (``pip install
+# 'nox[uv]'``); without uv, nox falls back to virtualenv and pip.
+nox.options.default_venv_backend = "uv|virtualenv"
 
 # Always pinned: this version is the machine's local CPU wheel; an unpinned torch pulls CUDA.
 TORCH = "torch==2.13.0"
@@ -44,6 +50,31 @@ PARALLEL = ("--numprocesses=auto", "--maxprocesses=4", "--dist=loadgroup")
 
 
 SessionFunction = Callable[[nox.Session], None]
+
+
+def pip_find_links() -> list[str]:
+    """The local wheel folders that pip is configured to search (its ``find-links``).
+
+    uv reads neither pip's configuration nor its environment variables. On a machine whose pip
+    finds the CPU build of torch in a local folder, uv would otherwise take PyPI's torch, a CUDA
+    build of several GB.
+    """
+    if "PIP_FIND_LINKS" in os.environ:  # whitespace-separated, as pip reads it
+        return os.environ["PIP_FIND_LINKS"].split()
+    try:
+        listed = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    # Lines such as ``global.find-links='/opt/wheels'``.
+    found = re.findall(r"^[\w:.-]*\.find-links='(.*)'$", listed, flags=re.MULTILINE)
+    return list(dict.fromkeys(link for value in found for link in value.split()))
+
+
+if "UV_FIND_LINKS" not in os.environ and (FIND_LINKS := pip_find_links()):
+    os.environ["UV_FIND_LINKS"] = ",".join(FIND_LINKS)  # comma-separated, as uv reads it
 
 
 def removed_on_ci(run_session: SessionFunction) -> SessionFunction:
@@ -216,11 +247,11 @@ def package(session: nox.Session) -> None:
 
     ``python -m build`` builds the wheel from the sdist (so the sdist holds what building
     needs); ``twine check --strict`` checks the metadata and ``cffconvert`` CITATION.cff; the
-    sdist is listed against the files git tracks. Then a fresh virtual environment installs
-    the wheel (not ``-e``) with the torch and federation extras, and tools/check_wheel.py runs
-    there from a folder outside the source tree: the packages import, a HybridBatchNorm2d
-    trains through the C++ operator built from the wheel's own source, and ``hbn-fed demo
-    --set rounds=2`` writes results.json.
+    sdist is listed against the files git tracks. Then a fresh virtual environment (uv's, or
+    the standard library's without uv) installs the wheel (not ``-e``) with the torch and
+    federation extras, and tools/check_wheel.py runs there from a folder outside the source
+    tree: the packages import, a HybridBatchNorm2d trains through the C++ operator built from
+    the wheel's own source, and ``hbn-fed demo --set rounds=2`` writes results.json.
     """
     session.install("build", "twine>=6.1", "cffconvert>=2")
     source = pathlib.Path(__file__).parent.resolve()
@@ -236,12 +267,14 @@ def package(session: nox.Session) -> None:
 
         started = time.perf_counter()
         environment = work / "venv"
-        session.run("python", "-m", "venv", str(environment))
         python = str(environment / "bin" / "python")
-        session.run(
-            python, "-m", "pip", "install", "--quiet", TORCH, f"{wheel}[torch,federation]",
-            external=True,
-        )  # fmt: skip
+        if session.venv_backend == "uv":
+            session.run("uv", "venv", "--quiet", str(environment), external=True)
+            install = ("uv", "pip", "install", "--quiet", "--python", python)
+        else:
+            session.run("python", "-m", "venv", str(environment))
+            install = (python, "-m", "pip", "install", "--quiet")
+        session.run(*install, TORCH, f"{wheel}[torch,federation]", external=True)
         session.log(f"the wheel installed in {time.perf_counter() - started:.0f} s")
         started = time.perf_counter()
         outside = work / "outside"

@@ -1,0 +1,81 @@
+"""The test harness's own promise: pytest-xdist keeps together the tests that must share a worker.
+
+The nox sessions run the tests on pytest-xdist with ``--dist=loadgroup``. Tests marked
+``xdist_group`` (the Ray simulations) and the tests sharing an expensive module fixture
+(``SHARED_EXPENSIVE_FIXTURES`` in conftest.py) must run in one worker. pytest 9.2 with
+pytest-xdist 3.8 dropped the groups silently (pytest-dev/pytest-xdist#1386); this runs a small
+suite under the harness and checks where each test ran.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("xdist")
+ROOT = Path(__file__).resolve().parent.parent
+
+SUITE = """
+import os
+from pathlib import Path
+
+import pytest
+
+LOG = Path(os.environ["HARNESS_LOG"])
+
+
+def record(line):
+    with LOG.open("a") as log:
+        log.write(line + "\\n")
+
+
+@pytest.fixture(scope="module")
+def {fixture}():
+    record("fixture computed in " + os.environ["PYTEST_XDIST_WORKER"])
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_sharing_the_fixture({fixture}, i):
+    pass
+
+
+@pytest.mark.xdist_group("ray")
+@pytest.mark.parametrize("i", range(6))
+def test_in_the_ray_group(i):
+    record("ray group in " + os.environ["PYTEST_XDIST_WORKER"])
+
+
+@pytest.mark.parametrize("i", range(12))
+def test_free(i):
+    pass
+"""
+
+
+def test_grouped_tests_and_a_shared_expensive_fixture_stay_on_one_worker(tmp_path):
+    (fixture,) = sorted(_shared_expensive_fixtures())[:1]
+    (tmp_path / "test_suite.py").write_text(textwrap.dedent(SUITE.format(fixture=fixture)))
+    log = tmp_path / "log.txt"
+    command = [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider"]
+    command += ["-n", "2", "--dist=loadgroup", "-q", "test_suite.py"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HARNESS_LOG": str(log), "HBN_REQUIRE": ""}
+    completed = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    lines = log.read_text().splitlines()
+    assert len([line for line in lines if line.startswith("fixture")]) == 1, lines
+    assert len({line for line in lines if line.startswith("ray")}) == 1, lines
+
+
+def _shared_expensive_fixtures() -> frozenset[str]:
+    sys.path.insert(0, str(ROOT))
+    try:
+        import conftest
+    finally:
+        sys.path.remove(str(ROOT))
+    return conftest.SHARED_EXPENSIVE_FIXTURES
