@@ -32,6 +32,12 @@ _COMMON_SETTINGS: dict[str, Any] = {
 }
 settings.register_profile("ci", max_examples=40, derandomize=True, **_COMMON_SETTINGS)
 settings.register_profile("dev", max_examples=200, **_COMMON_SETTINGS)
+# tests-cross reruns the Keras tests on Keras' JAX and torch backends (tests/test_keras_backends.py)
+# after tests-tf ran them on TensorFlow under "ci". JAX compiles each operation anew for every
+# input shape drawn (about 60 ms each), so under "ci" the reruns use this profile: the same
+# properties on fewer examples. "dev" reruns them with its own 200.
+settings.register_profile("ci-rerun", max_examples=12, derandomize=True, **_COMMON_SETTINGS)
+RERUN_PROFILE = {"ci": "ci-rerun"}
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 if importlib.util.find_spec("jax") is not None:

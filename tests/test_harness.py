@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_EXPENSIVE_FIXTURES
+
 pytest.importorskip("xdist")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +59,7 @@ def test_free(i):
 
 
 def test_grouped_tests_and_a_shared_expensive_fixture_stay_on_one_worker(tmp_path):
-    (fixture,) = sorted(_shared_expensive_fixtures())[:1]
+    fixture = min(SHARED_EXPENSIVE_FIXTURES)
     (tmp_path / "test_suite.py").write_text(textwrap.dedent(SUITE.format(fixture=fixture)))
     log = tmp_path / "log.txt"
     command = [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider"]
@@ -70,12 +72,3 @@ def test_grouped_tests_and_a_shared_expensive_fixture_stay_on_one_worker(tmp_pat
     lines = log.read_text().splitlines()
     assert len([line for line in lines if line.startswith("fixture")]) == 1, lines
     assert len({line for line in lines if line.startswith("ray")}) == 1, lines
-
-
-def _shared_expensive_fixtures() -> frozenset[str]:
-    sys.path.insert(0, str(ROOT))
-    try:
-        import conftest
-    finally:
-        sys.path.remove(str(ROOT))
-    return conftest.SHARED_EXPENSIVE_FIXTURES

@@ -5,7 +5,8 @@ tests marked ``keras`` of ``tests/test_keras_adapter.py`` (the layer's own tests
 ``tests/test_keras_harness.py`` (Keras' own BatchNormalization tests, adapted) and
 ``tests/test_cross_backends.py`` (agreement with torch) in a pytest process of its own. The
 child session requires them to pass (``HBN_REQUIRE=keras``): a missing framework fails, rather
-than skips, and a run in which no test passed fails too.
+than skips, and a run in which no test passed fails too. Under Hypothesis' ``ci`` profile the
+child runs ``ci-rerun`` (fewer examples, see conftest.py); under any other, the same profile.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+from conftest import RERUN_PROFILE
 
 pytestmark = pytest.mark.cross
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +31,8 @@ def test_the_keras_layer_tests_pass_on_another_keras_backend(backend):
     pytest.importorskip("keras")
     pytest.importorskip(backend)
     env = {**os.environ, "KERAS_BACKEND": backend, "HBN_REQUIRE": "keras"}
+    profile = settings.get_current_profile_name()
+    env["HYPOTHESIS_PROFILE"] = RERUN_PROFILE.get(profile, profile)
     command = [
         sys.executable,
         "-m",
