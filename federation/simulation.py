@@ -290,12 +290,10 @@ def _statistics_step(
         return steps.settle({}, [], round_number=round_index + 1, step=name), 0.0
 
     def collect(client: Client) -> StatisticsReport:
+        rng = protocol.seeded_rng(setup.config.seed, stream, round_index, client.client_id)
+        model, model_state = _model_of(setup, state, client)
         return client.collect_statistics(
-            setup.models[client.framework],
-            client_model_state(setup, state, client.client_id),
-            setup.data,
-            setup.config.statistics,
-            protocol.seeded_rng(setup.config.seed, stream, round_index, client.client_id),
+            model, model_state, setup.data, setup.config.statistics, rng
         )
 
     def check(report: StatisticsReport) -> None:
@@ -319,9 +317,10 @@ def _training_step(
     sent_like = {**state.global_state, **state.personal_average}
 
     def fit(client: Client) -> Update:
+        model, model_state = _model_of(setup, state, client)
         return client.fit(
-            setup.models[client.framework],
-            client_model_state(setup, state, client.client_id),
+            model,
+            model_state,
             setup.data,
             setup.config.train,
             lr=lr,
@@ -343,6 +342,11 @@ def _training_step(
         )
 
     return _each_client(round_index, "training", sampled, fit, check, progress)
+
+
+def _model_of(setup: Setup, state: FederationState, client: Client) -> tuple[FrameworkModel, State]:
+    """A client's model (its framework's) and the state it runs with after ``state``."""
+    return setup.models[client.framework], client_model_state(setup, state, client.client_id)
 
 
 def _seconds(clock: list[float], client_compute: float) -> dict[str, float]:
