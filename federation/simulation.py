@@ -177,11 +177,14 @@ class Simulation:
         clock.append(time.perf_counter())
         faults: list[Fault] = [*statistics.faults, *training.faults]
         measured: dict[str, Any] = {}
+        ids = sorted(updates)
         if protocol.evaluates(self.config, round_index):
             measured = evaluation.evaluation_fields(
                 round_index + 1,
                 lambda: self.evaluate(trained, round_index, sampled, faults),
-                self._personal_accuracy(trained, round_index, sorted(updates)),
+                (lambda: evaluation.personal_accuracy(self.setup, trained, round_index, ids))
+                if self.config.eval.personal
+                else None,
             )
         clock.append(time.perf_counter())
         record = RoundRecord(
@@ -230,13 +233,6 @@ class Simulation:
         return evaluation.global_accuracy(
             self.setup, evaluation.evaluation_weights(self.setup, state, reports)
         )
-
-    def _personal_accuracy(
-        self, state: FederationState, round_index: int, trained: list[int]
-    ) -> Callable[[], float] | None:
-        if not self.config.eval.personal:
-            return None
-        return lambda: evaluation.personal_accuracy(self.setup, state, round_index, trained)
 
     def _require(self, settled: Settled[Result]) -> dict[int, Result]:
         return steps.require(settled, self.config.clients.min_clients)

@@ -49,7 +49,7 @@ from federation.flower.wire import (
     read_report,
     replies_train_loss,
     report_client_id,
-    sole_records,
+    shared_train_reply,
     state_from_record,
     state_record,
     statistics_queries,
@@ -270,25 +270,9 @@ class HBNStrategy(_FedAvgFamily):
         return state_record(state), metrics
 
     def _shared_reply(self, _node: int, reply: Message) -> Message:
-        """The reply, its ArrayRecord cut down to the checked ``shared`` tensors.
-
-        Statistics, alpha and counters (``num_batches_tracked``) a client may have sent are
-        dropped here, before any averaging.
-        """
-        raise_reply_error(reply)
-        key, arrays, metrics = sole_records(reply.content, "metric", "a train reply")
-        received = state_from_record(arrays)
-        shared = {name: received[name] for name in self.shared_names if name in received}
-        protocol.check_update(
-            shared,
-            metrics.get(self.weighted_by_key),
-            self.layout,
-            self.shared_names,
-            like=self._sent,
-            train_loss=metrics.get("train-loss"),
+        return shared_train_reply(
+            reply, layout=self.layout, like=self._sent, weighted_by=self.weighted_by_key
         )
-        reply.content = with_arrays(reply.content, state_record(shared), key=key)
-        return reply
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

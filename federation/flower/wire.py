@@ -56,6 +56,7 @@ __all__ = [
     "replies_train_loss",
     "report_client_id",
     "report_content",
+    "shared_train_reply",
     "sole_records",
     "state_from_record",
     "state_record",
@@ -216,6 +217,37 @@ def sole_records(
     ((key, arrays),) = content.array_records.items()
     (record,) = others.values()
     return key, arrays, record
+
+
+def shared_train_reply(reply: Message, *, layout: Layout, like: State, weighted_by: str) -> Message:
+    """A train reply, checked, its ArrayRecord cut down to the ``shared`` tensors.
+
+    Statistics, alpha and counters (``num_batches_tracked``) a client may have sent are
+    dropped here, before any averaging; the shared tensors, the example count
+    (``weighted_by``) and the training loss are checked
+    (:func:`federation.protocol.check_update`, against ``like``, the state sent).
+
+    Raises
+    ------
+    ValueError, TypeError
+        If the reply is an error, is not one ArrayRecord and one MetricRecord, or does not
+        check; :class:`NodeSetupError` for a node without its framework.
+    """
+    raise_reply_error(reply)
+    key, arrays, metrics = sole_records(reply.content, "metric", "a train reply")
+    received = state_from_record(arrays)
+    names = select(layout, Role.SHARED)
+    shared = {name: received[name] for name in names if name in received}
+    protocol.check_update(
+        shared,
+        metrics.get(weighted_by),
+        layout,
+        names,
+        like=like,
+        train_loss=metrics.get(TRAIN_LOSS),
+    )
+    reply.content = with_arrays(reply.content, state_record(shared), key=key)
+    return reply
 
 
 def replies_train_loss(replies: Iterable[Message], weighted_by: str) -> float | None:
