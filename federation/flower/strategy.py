@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg
@@ -74,6 +74,7 @@ if TYPE_CHECKING:
 __all__ = ["HBNFedAvg", "HBNStrategy", "NodeSetupError"]
 
 logger = logging.getLogger("federation")
+Read = TypeVar("Read")
 
 
 if TYPE_CHECKING:  # the type checker sees the base a mixin goes with
@@ -188,7 +189,7 @@ class HBNStrategy(_FedAvgFamily):
             # the embedded simulation's does: statistics.warmup schedules by it.
             statistics = protocol.next_statistics(
                 state,
-                _by_client_id(reports, self.client_ids),
+                _in_client_order(reports, self.client_ids),
                 self.hbn_config.statistics,
                 self.hbn_layers,
                 len(self.history),
@@ -261,7 +262,7 @@ class HBNStrategy(_FedAvgFamily):
                 trained_clients=tuple(sorted(valid)),
                 # In client-id order, as the embedded engine sums: the same loss to the bit.
                 train_loss=replies_train_loss(
-                    [valid[node] for node in sorted(valid)], self.weighted_by_key
+                    _in_client_order(valid, self.client_ids), self.weighted_by_key
                 ),
                 seconds={**record.seconds, "training": time.perf_counter() - self._clock},
                 faults=faults,
@@ -308,11 +309,9 @@ class HBNFedAvg(HBNStrategy, FedAvg):
     """HBN rounds over :class:`flwr.serverapp.strategy.FedAvg` (see :class:`HBNStrategy`)."""
 
 
-def _by_client_id(
-    reports: dict[int, StatisticsReport], client_ids: dict[int, int]
-) -> list[StatisticsReport]:
-    """The nodes' reports in their client ids' order, the embedded engine's pooling order."""
-    return [reports[node] for node in sorted(reports, key=lambda n: client_ids.get(n, n))]
+def _in_client_order(by_node: dict[int, Read], client_ids: dict[int, int]) -> list[Read]:
+    """The nodes' values in their client ids' order, the order the embedded engine pools in."""
+    return [by_node[node] for node in sorted(by_node, key=lambda n: client_ids.get(n, n))]
 
 
 def _incomplete(server_round: int, evaluated: tuple[int, ...], num_clients: int) -> bool:
