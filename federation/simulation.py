@@ -120,10 +120,7 @@ class Simulation:
 
     def sample_clients(self, round_index: int) -> list[Client]:
         """The round's clients (:func:`federation.protocol.sample_clients`)."""
-        eligible = [c.client_id for c in self.clients if len(c.indices)]
-        rng = protocol.seeded_rng(self.config.seed, Stream.SAMPLING, round_index, 0)
-        chosen = protocol.sample_clients(eligible, len(self.clients), self.config.clients, rng)
-        return [self.clients[i] for i in chosen]
+        return _sample(self.setup, round_index)
 
     def run(self, on_round: Callable[[RoundRecord], None] | None = None) -> tuple[RoundRecord, ...]:
         """Run the remaining rounds; ``on_round(record)`` after each one."""
@@ -203,24 +200,32 @@ class Simulation:
         return protocol.with_record(trained, record), record
 
     def evaluate(
-        self, state: FederationState, round_index: int, sampled: list[Client], faults: list[Fault]
+        self,
+        state: FederationState,
+        round_index: int,
+        sampled: list[Client],
+        faults: list[Fault],
+        *,
+        config: Config | None = None,
     ) -> tuple[float, float]:
         """Accuracy and mean loss of ``state``'s global model on the test set.
 
-        The model and its statistics are those of :mod:`federation.evaluation`. The faults of
-        the evaluation's statistics pass (``eval.statistics = "sync"`` or ``"fresh"``) join
-        ``faults``, a ``"fresh"`` pass's under the next round's number, the round whose step
-        it is; with fewer than ``min_clients`` valid clients in that pass it raises
+        The model and its statistics are those of :mod:`federation.evaluation`, as ``config``
+        (by default the run's) configures them. The faults of the evaluation's statistics pass
+        (``eval.statistics = "sync"`` or ``"fresh"``) join ``faults``, a ``"fresh"`` pass's
+        under the next round's number, the round whose step it is; with fewer than
+        ``min_clients`` valid clients in that pass it raises
         :class:`~federation.protocol.RoundFailedError`.
         """
+        setup = self.setup if config is None else self.setup._replace(config=config)
         reports: list[StatisticsReport] = []
-        step = evaluation.statistics_pass(self.config, round_index, has_hbn=bool(self.hbn_layers))
+        step = evaluation.statistics_pass(setup.config, round_index, has_hbn=bool(self.hbn_layers))
         if step is not None:
             # "sync" asks the round's own clients, "fresh" the next round's.
             own = step.round_index == round_index
-            asked = sampled if own else self.sample_clients(step.round_index)
+            asked = sampled if own else _sample(setup, step.round_index)
             settled, _ = _statistics_step(
-                self.setup,
+                setup,
                 state,
                 step.round_index,
                 step.stream,
@@ -229,13 +234,24 @@ class Simulation:
                 name="evaluation statistics",
             )
             faults += settled.faults
-            reports = list(self._require(settled).values())
+            reports = list(steps.require(settled, setup.config.clients.min_clients).values())
         return evaluation.global_accuracy(
-            self.setup, evaluation.evaluation_weights(self.setup, state, reports)
+            setup, evaluation.evaluation_weights(setup, state, reports)
         )
 
     def _require(self, settled: Settled[Result]) -> dict[int, Result]:
         return steps.require(settled, self.config.clients.min_clients)
+
+
+def _sample(setup: Setup, round_index: int) -> list[Client]:
+    """The clients of round ``round_index`` (:func:`federation.protocol.sample_clients`)."""
+    clients = setup.clients
+    eligible = [c.client_id for c in clients if len(c.indices)]
+    rng = protocol.seeded_rng(setup.config.seed, Stream.SAMPLING, round_index, 0)
+    return [
+        clients[i]
+        for i in protocol.sample_clients(eligible, len(clients), setup.config.clients, rng)
+    ]
 
 
 def _each_client(
