@@ -258,14 +258,24 @@ _RECORD_TYPES: dict[str, tuple[type, ...]] = {
     "personal_accuracy": (float, int, type(None)),
     "evaluation_error": (str, type(None)),
 }
-_CLIENT_LISTS = ("sampled", "statistics_clients", "trained_clients")
+_CLIENT_LISTS = ("sampled", "statistics_clients", "trained_clients", "evaluated_clients")
+# Fields that only the Flower engine fills: a checkpoint may leave them out, or hold them empty.
+_FLOWER_ONLY = {"statistics": {}, "evaluated_clients": [], "evaluation_incomplete": False}
 
 
 def _record(fields: Any, number: int) -> RoundRecord:
     """The round record ``fields`` describe, which must be round ``number``."""
     where = f"history round {number}"
     names = {f.name for f in dataclasses.fields(RoundRecord)}
-    optional = {"accuracy", "loss", "personal_accuracy", "evaluation_error", "seconds", "faults"}
+    optional = {
+        "accuracy",
+        "loss",
+        "personal_accuracy",
+        "evaluation_error",
+        "seconds",
+        "faults",
+        *_FLOWER_ONLY,
+    }
     if not isinstance(fields, dict) or not names - optional <= set(fields) <= names:
         msg = f"{where} must be a record with the fields {sorted(names)}; got {fields!r}."
         raise ValueError(msg)
@@ -277,6 +287,11 @@ def _record(fields: Any, number: int) -> RoundRecord:
     if fields["round"] != number:
         msg = f"{where} is numbered {fields['round']!r}; rounds are recorded in order from 1."
         raise ValueError(msg)
+    for name, empty in _FLOWER_ONLY.items():
+        if fields.get(name, empty) != empty:
+            msg = f"{where}: `{name}` is the Flower engine's and must be {empty!r} here."
+            raise ValueError(msg)
+    fields = {**fields, **_FLOWER_ONLY}
     for name in _CLIENT_LISTS:
         value = fields[name]
         if not isinstance(value, list) or not all(_is_int(c) for c in value):
@@ -296,6 +311,7 @@ def _record(fields: Any, number: int) -> RoundRecord:
         **{
             **fields,
             **{name: tuple(fields[name]) for name in _CLIENT_LISTS},
+            "statistics": {},
             "seconds": dict(seconds),
             "faults": tuple(_fault(fault, where) for fault in faults),
         }

@@ -85,6 +85,7 @@ __all__ = [
     "server_step",
     "statistics_momentum",
     "statistics_state",
+    "train_loss",
     "with_record",
 ]
 
@@ -166,7 +167,11 @@ class Update(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
-    """A client left out of a step of a round, and why; rounds count from 1."""
+    """A client left out of a step of a round, and why; rounds count from 1.
+
+    ``client`` is the engine's id of the participant: the client's index in the embedded
+    simulation, the Flower node id on Flower.
+    """
 
     round: int
     client: int
@@ -176,24 +181,55 @@ class Fault:
 
 @dataclasses.dataclass(frozen=True)
 class RoundRecord:
-    """What one committed round did and measured; rounds count from 1.
+    """What one committed round did and measured, on any engine; rounds count from 1.
 
-    ``evaluation_error`` says why an evaluation failed (its training is committed all the
-    same, and ``accuracy`` is then ``None``). ``seconds`` holds the wall time of each part.
+    Client ids are the engine's participant ids: a client's index in the embedded simulation,
+    the Flower node id on Flower (``HBNStrategy.client_ids`` maps a node to its partition).
+
+    Attributes
+    ----------
+    round, lr
+        The round's number and learning rate (:func:`learning_rate`).
+    sampled, statistics_clients, trained_clients
+        The clients sampled, those whose statistics report counted, those whose update counted.
+    train_loss
+        The clients' mean training loss, weighted by their examples (:func:`train_loss`);
+        ``None`` on Flower when a counted reply reports none.
+    accuracy, loss
+        The global model's test accuracy and mean loss, in evaluated rounds (:func:`evaluates`).
+        On Flower they are the nodes' evaluation, weighted by their test examples.
+    personal_accuracy
+        Embedded engine, ``eval.personal`` only: the trained clients' mean personalised accuracy.
+    evaluation_error
+        Embedded engine: why the round's evaluation failed (its training is committed all the
+        same, and ``accuracy`` is then ``None``).
+    seconds
+        The wall time of each part of the round.
+    faults
+        The clients left out of a step, and why.
+    statistics
+        Flower only (empty on the embedded engine, whose state holds them): the global
+        statistics the round left, float64 ``(mean, var)`` per HBN layer.
+    evaluated_clients, evaluation_incomplete
+        Flower only: the nodes whose evaluation counted, and whether they are fewer than
+        ``data.num_clients``, so that the accuracy is not measured on the whole test set.
     """
 
     round: int
     lr: float
     sampled: tuple[int, ...]
-    statistics_clients: tuple[int, ...]
-    trained_clients: tuple[int, ...]
-    train_loss: float
+    statistics_clients: tuple[int, ...] = ()
+    trained_clients: tuple[int, ...] = ()
+    train_loss: float | None = None
     accuracy: float | None = None
     loss: float | None = None
     personal_accuracy: float | None = None
     evaluation_error: str | None = None
     seconds: Mapping[str, float] = dataclasses.field(default_factory=dict)
     faults: tuple[Fault, ...] = ()
+    statistics: GlobalStatistics = dataclasses.field(default_factory=dict)
+    evaluated_clients: tuple[int, ...] = ()
+    evaluation_incomplete: bool = False
 
 
 class FederationState(NamedTuple):
@@ -728,6 +764,26 @@ def aggregate_round(
     return FederationState(
         global_state, personal_average, velocity, personal, state.rounds_done + 1, state.history
     )
+
+
+def train_loss(losses: Sequence[float], examples: Sequence[int]) -> float:
+    r"""The round's training loss: the clients' losses weighted by their examples, in float64.
+
+    :math:`\sum_k n_k \ell_k / \sum_k n_k`, the FedAvg weighting, on every engine.
+
+    Raises
+    ------
+    ValueError
+        If there is no loss, the lengths differ, or the total of ``examples`` is not positive.
+    """
+    if not losses or len(losses) != len(examples) or not sum(examples) > 0:
+        msg = (
+            "`losses` and `examples` must be non-empty, of one length, with examples summing "
+            f"to a positive number; got {len(losses)} losses and examples {list(examples)}."
+        )
+        raise ValueError(msg)
+    weights = np.asarray(examples, np.float64)
+    return float(np.dot(weights, np.asarray(losses, np.float64)) / weights.sum())
 
 
 def with_record(state: FederationState, record: RoundRecord) -> FederationState:

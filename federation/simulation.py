@@ -19,35 +19,31 @@ with the failure in its record.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
-
-from federation import protocol, steps
-from federation.client import Client, load_state
-from federation.data import batches, check_clients_with_data, load_dataset, partition
+from federation import evaluation, protocol, steps
 from federation.layout import Role, select
-from federation.models import build_model
-from federation.protocol import Fault, FederationState, RoundFailedError, RoundRecord, Stream
+from federation.protocol import FederationState, RoundFailedError, RoundRecord, Stream
 from federation.repro.statistics import Summary, summarize
+from federation.setup import client_model_state, set_up
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
+    from federation.client import Client
     from federation.config import Config
     from federation.data import Dataset
-    from federation.layout import Layout, State
+    from federation.layout import State
     from federation.models import FrameworkModel
-    from federation.protocol import GlobalStatistics, StatisticsReport, Update
+    from federation.protocol import Fault, GlobalStatistics, StatisticsReport, Update
+    from federation.setup import Setup
     from federation.steps import Settled
 
     Progress = Callable[[str, Client], None]
 
 __all__ = ["RoundFailedError", "Simulation"]
 
-logger = logging.getLogger("federation")
 Result = TypeVar("Result")
 
 
@@ -67,6 +63,10 @@ class Simulation:
 
     Attributes
     ----------
+    setup
+        The run's fixed parts (:class:`federation.setup.Setup`): ``config``, ``data``,
+        ``models``, ``layout``, ``hbn_layers``, ``initial_personal`` and ``clients``, each
+        also an attribute of its own.
     state
         The federation's :class:`~federation.protocol.FederationState`. :meth:`run_round`
         replaces it with the next round's; set it to resume from a checkpoint's.
@@ -85,41 +85,10 @@ class Simulation:
         dataset: Dataset | None = None,
         models: Mapping[str, FrameworkModel] | None = None,
     ) -> None:
-        self.config = config
-        self.data = (
-            dataset
-            if dataset is not None
-            else load_dataset(config.data.name, seed=config.seed, path=config.data.path)
-        )
-        frameworks = config.client_frameworks
-        indices = partition(
-            self.data.y_train,
-            config.data.num_clients,
-            method=config.data.partition,
-            rng=self._rng(Stream.PARTITION, 0),
-            beta=config.data.beta,
-            shards_per_client=config.data.shards_per_client,
-        )
-        check_clients_with_data(indices, config.clients.min_clients)
-        needed = list(dict.fromkeys([config.eval_framework, *frameworks]))
-        self.models = dict(models) if models is not None else self._reference_models(needed)
-        self.layout = _common_layout(self.models, needed)
-        self.hbn_layers = protocol.hbn_layers(self.layout)
-        initial = self.models[config.eval_framework].get_state()
-        self.initial_personal: State = {k: initial[k] for k in select(self.layout, Role.PERSONAL)}
-        self.clients = tuple(
-            Client(i, fw, idx) for i, (fw, idx) in enumerate(zip(frameworks, indices, strict=True))
-        )
-        self.state = protocol.initial_state(initial, self.layout, len(self.clients))
-
-    def _reference_models(self, frameworks: list[str]) -> dict[str, FrameworkModel]:
-        spec = self.config.model_spec(self.data.input_shape, self.data.num_classes)
-        return {name: build_model(name, spec, seed=self.config.seed) for name in frameworks}
-
-    def _rng(self, stream: Stream, round_index: int, client: int = 0) -> np.random.Generator:
-        return protocol.seeded_rng(self.config.seed, stream, round_index, client)
-
-    # -- the state, read -------------------------------------------------------------------
+        self.setup = set_up(config, dataset=dataset, models=models)
+        (self.config, self.data, self.models, self.layout, self.hbn_layers) = self.setup[:5]
+        (self.initial_personal, self.clients) = self.setup[6:]
+        self.state = protocol.initial_state(self.setup.initial, self.layout, len(self.clients))
 
     @property
     def global_state(self) -> State:
@@ -151,12 +120,7 @@ class Simulation:
 
     def sample_clients(self, round_index: int) -> list[Client]:
         """The round's clients (:func:`federation.protocol.sample_clients`)."""
-        eligible = [c.client_id for c in self.clients if len(c.indices)]
-        rng = self._rng(Stream.SAMPLING, round_index)
-        chosen = protocol.sample_clients(eligible, len(self.clients), self.config.clients, rng)
-        return [self.clients[i] for i in chosen]
-
-    # -- rounds ----------------------------------------------------------------------------
+        return _sample(self.setup, round_index)
 
     def run(self, on_round: Callable[[RoundRecord], None] | None = None) -> tuple[RoundRecord, ...]:
         """Run the remaining rounds; ``on_round(record)`` after each one."""
@@ -186,19 +150,19 @@ class Simulation:
         federation.protocol.RoundFailedError
             If a step has fewer than ``min_clients`` valid clients.
         """
-        round_index = state.rounds_done
-        start = time.perf_counter()
+        round_index, clock = state.rounds_done, [time.perf_counter()]
         lr = protocol.learning_rate(self.config.train, round_index)
         sampled = self.sample_clients(round_index)
-        statistics, statistics_compute = self._statistics_step(
-            state, round_index, sampled, progress
+        statistics, statistics_compute = _statistics_step(
+            self.setup, state, round_index, Stream.STATISTICS, sampled, progress
         )
-        min_clients = self.config.clients.min_clients
-        reports = steps.require(statistics, min_clients) if self.hbn_layers else {}
-        statistics_done = time.perf_counter()
-        training, training_compute = self._training_step(state, round_index, sampled, lr, progress)
-        updates = steps.require(training, min_clients)
-        training_done = time.perf_counter()
+        reports = self._require(statistics) if self.hbn_layers else {}
+        clock.append(time.perf_counter())
+        training, training_compute = _training_step(
+            self.setup, state, round_index, sampled, lr, progress
+        )
+        updates = self._require(training)
+        clock.append(time.perf_counter())
         trained = protocol.aggregate_round(
             state,
             updates,
@@ -207,254 +171,204 @@ class Simulation:
             layout=self.layout,
             layers=self.hbn_layers,
         )
-        server_done = time.perf_counter()
-        evaluation, evaluation_faults = self._evaluation(trained, round_index, sampled, updates)
-        end = time.perf_counter()
+        clock.append(time.perf_counter())
+        faults: list[Fault] = [*statistics.faults, *training.faults]
+        measured: dict[str, Any] = {}
+        ids = sorted(updates)
+        if protocol.evaluates(self.config, round_index):
+            measured = evaluation.evaluation_fields(
+                round_index + 1,
+                lambda: self.evaluate(trained, round_index, sampled, faults),
+                (lambda: evaluation.personal_accuracy(self.setup, trained, round_index, ids))
+                if self.config.eval.personal
+                else None,
+            )
+        clock.append(time.perf_counter())
         record = RoundRecord(
             round=round_index + 1,
             lr=lr,
             sampled=tuple(c.client_id for c in sampled),
             statistics_clients=tuple(sorted(reports)),
             trained_clients=tuple(sorted(updates)),
-            train_loss=float(np.mean([u.train_loss for u in updates.values()])),
-            **evaluation,
-            seconds={
-                "statistics": statistics_done - start,
-                "training": training_done - statistics_done,
-                "server": server_done - training_done,
-                "evaluation": end - server_done,
-                "client_compute": statistics_compute + training_compute,
-                "total": end - start,
-            },
-            faults=statistics.faults + training.faults + evaluation_faults,
+            train_loss=protocol.train_loss(
+                [u.train_loss for u in updates.values()], [u.examples for u in updates.values()]
+            ),
+            **measured,
+            seconds=_seconds(clock, statistics_compute + training_compute),
+            faults=tuple(faults),
         )
         return protocol.with_record(trained, record), record
 
-    def _client_state(self, state: FederationState, client: Client) -> State:
-        first = protocol.first_personal(state, self.initial_personal, self.config)
-        return protocol.model_state(state.global_state, state.personal[client.client_id], first)
-
-    def _statistics_step(
-        self,
-        state: FederationState,
-        round_index: int,
-        sampled: list[Client],
-        progress: Progress | None,
-        *,
-        stream: Stream = Stream.STATISTICS,
-        step: str = "statistics",
-    ) -> tuple[Settled[StatisticsReport], float]:
-        """Every sampled client's checked statistics report on ``state``'s global model.
-
-        A model without HBN layers has no statistics step: nothing is asked, nothing fails.
-        """
-        if not self.hbn_layers:
-            return steps.settle({}, [], round_number=round_index + 1, step=step), 0.0
-
-        def collect(client: Client) -> StatisticsReport:
-            return client.collect_statistics(
-                self.models[client.framework],
-                self._client_state(state, client),
-                self.data,
-                self.config.statistics,
-                self._rng(stream, round_index, client.client_id),
-            )
-
-        def check(report: StatisticsReport) -> None:
-            protocol.check_report(report, self.hbn_layers)
-
-        return self._each_client(round_index, step, sampled, collect, check, progress)
-
-    def _training_step(
-        self,
-        state: FederationState,
-        round_index: int,
-        sampled: list[Client],
-        lr: float,
-        progress: Progress | None,
-    ) -> tuple[Settled[Update], float]:
-        """Every sampled client's checked update from local training on ``state``."""
-        send_personal = protocol.sends_personal(self.config)
-        roles = (Role.SHARED, Role.PERSONAL) if send_personal else (Role.SHARED,)
-        sent_names = select(self.layout, *roles)
-        sent_like = {**state.global_state, **state.personal_average}
-
-        def fit(client: Client) -> Update:
-            return client.fit(
-                self.models[client.framework],
-                self._client_state(state, client),
-                self.data,
-                self.config.train,
-                lr=lr,
-                send_personal=send_personal,
-                freeze_statistics=protocol.freezes_statistics(self.config, round_index),
-                rng=self._rng(Stream.TRAINING, round_index, client.client_id),
-            )
-
-        def check(update: Update) -> None:
-            protocol.check_update(
-                update.sent,
-                update.examples,
-                self.layout,
-                sent_names,
-                like=sent_like,
-                train_loss=update.train_loss,
-            )
-
-        return self._each_client(round_index, "training", sampled, fit, check, progress)
-
-    def _each_client(
-        self,
-        round_index: int,
-        step: str,
-        sampled: list[Client],
-        work: Callable[[Client], Result],
-        check: Callable[[Result], None],
-        progress: Progress | None,
-    ) -> tuple[Settled[Result], float]:
-        """``work`` for each client, its result checked, settled; and the seconds of ``work``.
-
-        A client whose work or check raises is a fault of the step
-        (:func:`federation.steps.settle`).
-        """
-        outcomes: dict[int, Result | Exception] = {}
-        seconds = 0.0
-        for client in sampled:
-            try:
-                start = time.perf_counter()
-                result = work(client)
-                seconds += time.perf_counter() - start
-                check(result)
-                outcomes[client.client_id] = result
-            except Exception as error:  # a client's failure must not end the run
-                outcomes[client.client_id] = error
-            if progress is not None:
-                progress(step, client)
-        ids = [c.client_id for c in sampled]
-        return steps.settle(outcomes, ids, round_number=round_index + 1, step=step), seconds
-
-    # -- evaluation -------------------------------------------------------------------------
-
-    def _evaluation(
-        self,
-        state: FederationState,
-        round_index: int,
-        sampled: list[Client],
-        trained: Mapping[int, Update],
-    ) -> tuple[dict[str, Any], tuple[Fault, ...]]:
-        """The round's evaluation fields of its record, and the faults of its statistics pass.
-
-        A failure is recorded (``evaluation_error``), not raised: the round's training stands.
-        """
-        if not protocol.evaluates(self.config, round_index):
-            return {}, ()
-        measured: dict[str, Any] = {}
-        faults: list[Fault] = []
-        try:
-            measured["accuracy"], measured["loss"] = self.evaluate(
-                state, round_index, sampled, faults
-            )
-            if self.config.eval.personal:
-                accuracies = [
-                    self._personal_accuracy(state, round_index, i) for i in sorted(trained)
-                ]
-                measured["personal_accuracy"] = float(np.mean(accuracies))
-        except Exception as error:  # the round's training stands; its record says why
-            reason = steps.fault_reason(error)
-            logger.warning(
-                "round %d: evaluation failed (the round's training is kept): %s",
-                round_index + 1,
-                reason,
-            )
-            measured["evaluation_error"] = reason
-        return measured, tuple(faults)
-
     def evaluate(
-        self, state: FederationState, round_index: int, sampled: list[Client], faults: list[Fault]
+        self,
+        state: FederationState,
+        round_index: int,
+        sampled: list[Client],
+        faults: list[Fault],
+        *,
+        config: Config | None = None,
     ) -> tuple[float, float]:
         """Accuracy and mean loss of ``state``'s global model on the test set.
 
-        The model runs with the personal average (alpha has no effect in inference; FedBN's
-        BatchNorm tensors are averaged for this). With ``eval.statistics = "sync"`` it runs
-        with statistics pooled afresh (momentum 1) from ``sampled`` on this model; the faults
-        of that pass join ``faults``, and with fewer than ``min_clients`` valid clients it
-        raises :class:`~federation.protocol.RoundFailedError`. With ``"fresh"`` it runs with
-        :func:`~federation.protocol.fresh_evaluation_statistics`: the next round's statistics
-        step (its clients and streams) on this model, blended in by ``eval.fresh_weight``; the
-        faults of that pass join ``faults`` under the next round's number, the round whose
-        step it is.
+        The model and its statistics are those of :mod:`federation.evaluation`, as ``config``
+        (by default the run's) configures them. The faults of the evaluation's statistics pass
+        (``eval.statistics = "sync"`` or ``"fresh"``) join ``faults``, a ``"fresh"`` pass's
+        under the next round's number, the round whose step it is; with fewer than
+        ``min_clients`` valid clients in that pass it raises
+        :class:`~federation.protocol.RoundFailedError`.
         """
-        weights = {**state.global_state, **state.personal_average}
-        if self.config.eval.statistics == "fresh" and self.hbn_layers:
-            following = round_index + 1
-            settled, _ = self._statistics_step(
-                state, following, self.sample_clients(following), None, step="evaluation statistics"
+        setup = self.setup if config is None else self.setup._replace(config=config)
+        reports: list[StatisticsReport] = []
+        step = evaluation.statistics_pass(setup.config, round_index, has_hbn=bool(self.hbn_layers))
+        if step is not None:
+            # "sync" asks the round's own clients, "fresh" the next round's.
+            own = step.round_index == round_index
+            asked = sampled if own else _sample(setup, step.round_index)
+            settled, _ = _statistics_step(
+                setup,
+                state,
+                step.round_index,
+                step.stream,
+                asked,
+                None,
+                name="evaluation statistics",
             )
             faults += settled.faults
-            reports = steps.require(settled, self.config.clients.min_clients)
-            pooled = protocol.pool_statistics(list(reports.values()), self.config.statistics)
-            fresh = protocol.fresh_evaluation_statistics(
-                protocol.global_statistics(state.global_state, self.hbn_layers),
-                pooled,
-                self.config.eval.fresh_weight,
-            )
-            weights |= protocol.statistics_state(fresh, self.hbn_layers, state.global_state)
-        if self.config.eval.statistics == "sync" and self.hbn_layers:
-            synced, _ = self._statistics_step(
-                state,
-                round_index,
-                sampled,
-                None,
-                stream=Stream.SYNC_STATISTICS,
-                step="evaluation statistics",
-            )
-            faults += synced.faults
-            reports = steps.require(synced, self.config.clients.min_clients)
-            pooled = protocol.pool_statistics(list(reports.values()), self.config.statistics)
-            weights |= protocol.statistics_state(pooled, self.hbn_layers, state.global_state)
-        return self._accuracy(weights, np.arange(len(self.data.y_test)))
-
-    def _accuracy(self, weights: State, indices: np.ndarray) -> tuple[float, float]:
-        """Accuracy and mean loss of the evaluation model with ``weights`` on test examples."""
-        model = self.models[self.config.eval_framework]
-        load_state(model, weights)
-        result = model.evaluate(
-            batches(
-                self.data.x_test,
-                self.data.y_test,
-                indices,
-                batch_size=self.config.eval.batch_size,
-                rng=None,
-            )
-        )
-        return result.correct / result.examples, result.loss_sum / result.examples
-
-    def _personal_accuracy(self, state: FederationState, round_index: int, client: int) -> float:
-        """A client's personalised model's accuracy on its local test split (FedBN's)."""
-        chosen = self.clients[client]
-        split = self._local_test_split(round_index, chosen)
-        return self._accuracy(self._client_state(state, chosen), split)[0]
-
-    def _local_test_split(self, round_index: int, client: Client) -> np.ndarray:
-        return protocol.local_test_split(
-            self.data.y_train[client.indices],
-            self.data.y_test,
-            self.config.eval.personal_examples,
-            self._rng(Stream.LOCAL_TEST, round_index, client.client_id),
+            reports = list(steps.require(settled, setup.config.clients.min_clients).values())
+        return evaluation.global_accuracy(
+            setup, evaluation.evaluation_weights(setup, state, reports)
         )
 
+    def _require(self, settled: Settled[Result]) -> dict[int, Result]:
+        return steps.require(settled, self.config.clients.min_clients)
 
-def _common_layout(models: Mapping[str, FrameworkModel], frameworks: list[str]) -> Layout:
-    missing = [name for name in frameworks if name not in models]
-    if missing:
-        msg = f"`models` must hold a model for every framework in use; missing {missing}."
-        raise ValueError(msg)
-    layout = models[frameworks[0]].layout
-    for name in frameworks[1:]:
-        if models[name].layout != layout:
-            msg = (
-                f"`models` must share one canonical layout; {name}'s differs from "
-                f"{frameworks[0]}'s."
-            )
-            raise ValueError(msg)
-    return layout
+
+def _sample(setup: Setup, round_index: int) -> list[Client]:
+    """The clients of round ``round_index`` (:func:`federation.protocol.sample_clients`)."""
+    clients = setup.clients
+    eligible = [c.client_id for c in clients if len(c.indices)]
+    rng = protocol.seeded_rng(setup.config.seed, Stream.SAMPLING, round_index, 0)
+    return [
+        clients[i]
+        for i in protocol.sample_clients(eligible, len(clients), setup.config.clients, rng)
+    ]
+
+
+def _each_client(
+    round_index: int,
+    step: str,
+    sampled: list[Client],
+    work: Callable[[Client], Result],
+    check: Callable[[Result], None],
+    progress: Progress | None,
+) -> tuple[Settled[Result], float]:
+    """``work`` for each client, its result checked, settled; and the seconds of ``work``.
+
+    A client whose work or check raises is a fault of the step
+    (:func:`federation.steps.settle`).
+    """
+    outcomes: dict[int, Result | Exception] = {}
+    seconds = 0.0
+    for client in sampled:
+        try:
+            start = time.perf_counter()
+            result = work(client)
+            seconds += time.perf_counter() - start
+            check(result)
+            outcomes[client.client_id] = result
+        except Exception as error:  # a client's failure must not end the run
+            outcomes[client.client_id] = error
+        if progress is not None:
+            progress(step, client)
+    ids = [c.client_id for c in sampled]
+    return steps.settle(outcomes, ids, round_number=round_index + 1, step=step), seconds
+
+
+def _statistics_step(
+    setup: Setup,
+    state: FederationState,
+    round_index: int,
+    stream: Stream,
+    sampled: list[Client],
+    progress: Progress | None,
+    *,
+    name: str = "statistics",
+) -> tuple[Settled[StatisticsReport], float]:
+    """Every sampled client's checked statistics report on ``state``'s global model.
+
+    A model without HBN layers has no statistics step: nothing is asked, nothing fails.
+    """
+    if not setup.hbn_layers:
+        return steps.settle({}, [], round_number=round_index + 1, step=name), 0.0
+
+    def collect(client: Client) -> StatisticsReport:
+        rng = protocol.seeded_rng(setup.config.seed, stream, round_index, client.client_id)
+        model, model_state = _model_of(setup, state, client)
+        return client.collect_statistics(
+            model, model_state, setup.data, setup.config.statistics, rng
+        )
+
+    def check(report: StatisticsReport) -> None:
+        protocol.check_report(report, setup.hbn_layers)
+
+    return _each_client(round_index, name, sampled, collect, check, progress)
+
+
+def _training_step(
+    setup: Setup,
+    state: FederationState,
+    round_index: int,
+    sampled: list[Client],
+    lr: float,
+    progress: Progress | None,
+) -> tuple[Settled[Update], float]:
+    """Every sampled client's checked update from local training on ``state``."""
+    send_personal = protocol.sends_personal(setup.config)
+    roles = (Role.SHARED, Role.PERSONAL) if send_personal else (Role.SHARED,)
+    sent_names = select(setup.layout, *roles)
+    sent_like = {**state.global_state, **state.personal_average}
+
+    def fit(client: Client) -> Update:
+        model, model_state = _model_of(setup, state, client)
+        return client.fit(
+            model,
+            model_state,
+            setup.data,
+            setup.config.train,
+            lr=lr,
+            send_personal=send_personal,
+            freeze_statistics=protocol.freezes_statistics(setup.config, round_index),
+            rng=protocol.seeded_rng(
+                setup.config.seed, Stream.TRAINING, round_index, client.client_id
+            ),
+        )
+
+    def check(update: Update) -> None:
+        protocol.check_update(
+            update.sent,
+            update.examples,
+            setup.layout,
+            sent_names,
+            like=sent_like,
+            train_loss=update.train_loss,
+        )
+
+    return _each_client(round_index, "training", sampled, fit, check, progress)
+
+
+def _model_of(setup: Setup, state: FederationState, client: Client) -> tuple[FrameworkModel, State]:
+    """A client's model (its framework's) and the state it runs with after ``state``."""
+    return setup.models[client.framework], client_model_state(setup, state, client.client_id)
+
+
+def _seconds(clock: list[float], client_compute: float) -> dict[str, float]:
+    """A round's ``seconds`` from the times its parts ended, the first entry its start."""
+    start, statistics, training, server, end = clock
+    return {
+        "statistics": statistics - start,
+        "training": training - statistics,
+        "server": server - training,
+        "evaluation": end - server,
+        "client_compute": client_compute,
+        "total": end - start,
+    }

@@ -292,6 +292,16 @@ TAMPERINGS = {
         None,
         "history round 1: `accuracy` has the wrong type",
     ),
+    "flower statistics": (
+        lambda m: m["history"][0].__setitem__("statistics", {"norm1": [[0.0], [1.0]]}),
+        None,
+        "history round 1: `statistics` is the Flower engine's and must be {} here",
+    ),
+    "flower evaluated clients": (
+        lambda m: m["history"][1].__setitem__("evaluated_clients", [1, 2]),
+        None,
+        "history round 2: `evaluated_clients` is the Flower engine's",
+    ),
     "nan tensor": (None, nan_in("global/fc2.bias"), "`fc2.bias` holds non-finite values"),
     "wrong shape": (
         None,
@@ -337,6 +347,20 @@ def test_a_tampered_checkpoint_is_refused_with_one_clear_error(tmp_path, written
     tamper(tmp_path / "checkpoint.npz", change_meta, change_arrays)
     with pytest.raises(CheckpointError, match=match):
         run(small_config(), out_dir=tmp_path, resume=True, dataset=DATA)
+
+
+def test_a_checkpoint_without_the_flower_only_fields_of_its_records_loads(tmp_path, written):
+    """Records written before the engines shared one record type lack its Flower-only fields."""
+    (tmp_path / "checkpoint.npz").write_bytes(written)
+    whole = run(small_config(), out_dir=tmp_path, resume=True, dataset=DATA)
+
+    def drop_flower_fields(meta):
+        for record in meta["history"]:
+            for name in ("statistics", "evaluated_clients", "evaluation_incomplete"):
+                del record[name]
+
+    tamper(tmp_path / "checkpoint.npz", drop_flower_fields)
+    assert run(small_config(), out_dir=tmp_path, resume=True, dataset=DATA).history == whole.history
 
 
 def test_the_command_refuses_a_checkpoint_that_is_not_one_in_one_line(tmp_path, capsys):

@@ -16,6 +16,7 @@ from federation import protocol
 from federation.client import Client
 from federation.config import StatisticsConfig, parse_config
 from federation.data import Dataset
+from federation.evaluation import local_test_split
 from federation.layout import Role, select
 from federation.runner import run
 from federation.simulation import RoundFailedError, Simulation
@@ -200,7 +201,7 @@ def test_fedbn_keeps_batchnorm_on_its_clients_and_averages_it_only_to_evaluate(m
 def test_a_local_test_split_follows_the_clients_label_proportions():
     simulation = Simulation(small_config(method="fedbn", data={"beta": 0.3}), dataset=DATA)
     for client in simulation.clients:
-        split = simulation._local_test_split(0, client)
+        split = local_test_split(simulation.setup, 0, client.client_id)
         train = np.bincount(DATA.y_train[client.indices], minlength=4) / len(client.indices)
         test = np.bincount(DATA.y_test[split], minlength=4) / len(split)
         np.testing.assert_allclose(test, train, atol=1 / len(split))

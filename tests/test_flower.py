@@ -25,6 +25,8 @@ import uuid
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 flwr = pytest.importorskip("flwr")
 pytest.importorskip("torch")
@@ -34,6 +36,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from federation import protocol  # noqa: E402
+from federation.client import Client  # noqa: E402
 from federation.config import ConfigError, parse_config  # noqa: E402
 from federation.data import load_dataset  # noqa: E402
 from federation.flower import (  # noqa: E402
@@ -43,10 +47,17 @@ from federation.flower import (  # noqa: E402
     make_client_app,
     make_server_app,
 )
-from federation.flower.wire import STATISTICS_MESSAGE_TYPE, first_replies  # noqa: E402
+from federation.flower.wire import (  # noqa: E402
+    STATISTICS_MESSAGE_TYPE,
+    first_replies,
+    replies_train_loss,
+    train_reply_content,
+)
 from federation.layout import Role, select  # noqa: E402
 from federation.models import ModelSpec  # noqa: E402
+from federation.protocol import Update  # noqa: E402
 from federation.simulation import RoundFailedError, Simulation  # noqa: E402
+from tests.strategies import floats  # noqa: E402
 
 pytestmark = [
     pytest.mark.flower,
@@ -232,7 +243,7 @@ def test_a_flower_simulation_of_torch_and_flax_nodes_equals_the_embedded_simulat
     assert [r.round for r in strategy.history] == [1, 2, 3]
     for flower_round in strategy.history:
         record = embedded.run_round()
-        assert len(flower_round.statistics_nodes) == len(flower_round.trained_nodes) == 6
+        assert len(flower_round.statistics_clients) == len(flower_round.trained_clients) == 6
         assert flower_round.faults == ()
         assert_statistics_equal(flower_round.statistics, embedded.global_statistics())
         assert flower_round.accuracy == pytest.approx(record.accuracy, abs=2 / len(DIGITS.y_test))
@@ -301,13 +312,13 @@ def test_failed_and_invalid_statistics_reports_are_logged_and_left_out(caplog):
 
     assert [r.round for r in strategy.history] == [1, 2]
     for index, flower_round in enumerate(strategy.history):
-        assert len(flower_round.statistics_nodes) == 2, flower_round.faults
-        assert len(flower_round.trained_nodes) == 4, flower_round.faults
+        assert len(flower_round.statistics_clients) == 2, flower_round.faults
+        assert len(flower_round.trained_clients) == 4, flower_round.faults
         reasons = sorted(f.reason for f in flower_round.faults)
         assert len(reasons) == 2, flower_round.faults
         assert "disk is full" in reasons[1]
         assert re.search("finite", reasons[0])
-        valid = [strategy.client_ids[node] for node in flower_round.statistics_nodes]
+        valid = [strategy.client_ids[node] for node in flower_round.statistics_clients]
         assert sorted(valid) == [0, 3]
         expected = central_statistics(config, strategy.sent[index], valid)
         assert_statistics_equal(flower_round.statistics, expected)
@@ -457,6 +468,70 @@ def test_flower_and_embedded_rounds_give_the_same_statistics_in_float64():
 
 
 @pytest.mark.usefixtures("task_identity")
+@settings(max_examples=50, deadline=None)
+@given(
+    results=st.lists(st.tuples(floats(0.0, 1e4), st.integers(1, 10**6)), min_size=1, max_size=12)
+)
+def test_flower_reads_the_train_loss_of_its_replies_as_the_protocol_weighs_it(results):
+    """The train replies a node builds give the round loss the embedded engine computes."""
+    replies = [
+        Message(
+            train_reply_content(Update({}, {}, count, loss)), dst_node_id=1, message_type="train"
+        )
+        for loss, count in results
+    ]
+    losses, examples = zip(*results, strict=True)
+    flower = replies_train_loss(replies, "num-examples")
+    assert flower == protocol.train_loss(losses, examples)
+    weights = np.asarray(examples, np.float64)
+    oracle = (np.asarray(losses, np.float64) * weights).sum() / weights.sum()
+    np.testing.assert_allclose(flower, oracle, rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.usefixtures("task_identity")
+@settings(
+    max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    results=st.lists(st.tuples(floats(0.0, 100.0), st.integers(1, 10**4)), min_size=4, max_size=4)
+)
+def test_both_engines_weight_the_train_loss_by_the_clients_examples(results):
+    """The same train losses and example counts give one train_loss on both engines."""
+    config = small_config(rounds=1, clients={"fraction": 1.0})
+
+    def reports(message, context, call_next):
+        reply = call_next(message, context)
+        if message.metadata.message_type == "train":
+            loss, count = results[int(context.node_config["partition-id"])]
+            reply.content["metrics"] = flwr.app.MetricRecord(
+                {"num-examples": count, "train-loss": loss}
+            )
+        return reply
+
+    grid = LocalGrid(make_client_app(config, dataset=DIGITS, mods=[reports]), 4)
+    strategy = HBNFedAvg(config=config, layout=_layout(config))
+    start(strategy, config, grid)
+    fit = Client.fit
+
+    def fit_reporting(self, *args, **kwargs):
+        loss, count = results[self.client_id]
+        return fit(self, *args, **kwargs)._replace(train_loss=loss, examples=count)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Client, "fit", fit_reporting)
+        (embedded,) = Simulation(config, dataset=DIGITS).run()
+    (flower,) = strategy.history
+    assert flower.trained_clients == (1, 2, 3, 4)
+    assert embedded.trained_clients == (0, 1, 2, 3)
+    assert flower.train_loss == embedded.train_loss
+    weights = np.asarray([count for _, count in results], np.float64)
+    losses = np.asarray([loss for loss, _ in results], np.float64)
+    np.testing.assert_allclose(
+        embedded.train_loss, (losses * weights).sum() / weights.sum(), rtol=1e-12, atol=1e-300
+    )
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_the_strategy_leaves_the_callers_train_config_as_it_was():
     config = small_config(rounds=1)
     grid = LocalGrid(make_client_app(config, dataset=DIGITS), 4)
@@ -507,7 +582,7 @@ def test_a_reply_delivered_twice_counts_once(caplog):
     assert caplog.text.count("a second reply from node 1 is ignored") >= 2  # statistics, train
     assert [sorted(nodes) for nodes in twice.averaged] == [[1, 2, 3, 4]]
     (round_,) = twice.history
-    assert round_.trained_nodes == round_.statistics_nodes == (1, 2, 3, 4)
+    assert round_.trained_clients == round_.statistics_clients == (1, 2, 3, 4)
     assert round_.faults == ()
     # Round 1's statistics come from the initial model: the duplicate changed nothing there.
     for name, (mean, var) in clean.history[0].statistics.items():
@@ -733,7 +808,7 @@ def test_a_flower_report_that_cannot_be_true_is_a_fault_and_the_rest_pool(lie):
     (fault,) = flower_round.faults
     assert fault.step == "statistics"
     assert reason in fault.reason, fault.reason
-    valid = sorted(strategy.client_ids[node] for node in flower_round.statistics_nodes)
+    valid = sorted(strategy.client_ids[node] for node in flower_round.statistics_clients)
     assert valid == [0, 2, 3]
     assert_statistics_equal(
         flower_round.statistics, central_statistics(config, strategy.sent[0], valid)
@@ -782,7 +857,7 @@ def test_a_flower_update_in_another_dtype_or_with_a_nan_loss_is_a_fault(change, 
     (fault,) = flower_round.faults
     assert fault.step == "training"
     assert reason in fault.reason
-    assert len(flower_round.trained_nodes) == 3
+    assert len(flower_round.trained_clients) == 3
     assert {a.numpy().dtype for a in result.arrays.values()} == {np.dtype(np.float32)}
     assert np.isfinite(flower_round.train_loss)
 

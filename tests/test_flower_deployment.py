@@ -179,7 +179,7 @@ def test_every_step_of_a_round_waits_at_most_the_configured_timeout():
     assert {timeout for _, timeout in grid.timeouts} == {0.25}
     for flower_round in strategy.history:
         (fault,) = flower_round.faults
-        assert (fault.node_id, fault.step) == (1, "statistics")
+        assert (fault.client, fault.step) == (1, "statistics")
         assert "no reply before the timeout" in fault.reason
 
 
@@ -375,7 +375,7 @@ def test_a_corrupt_or_pickled_personal_state_is_refused_never_loaded(tmp_path):
     # The node with the corrupt file was left out with the reason, not reset silently.
     (flower_round,) = strategy.history
     (fault,) = [f for f in flower_round.faults if f.step == "statistics"]
-    assert fault.node_id == 2
+    assert fault.client == 2
     assert "cannot be used" in fault.reason
 
 
@@ -594,7 +594,7 @@ def test_a_deployment_runs_two_rounds_and_records_a_supernode_killed_mid_run(dep
     assert first["faults"] == []
     assert len(second["faults"]) >= 1, second
     assert {fault["round"] for fault in second["faults"]} == {2}
-    assert len(second["trained_nodes"]) == 1
+    assert len(second["trained_clients"]) == 1
     print("deployment: step seconds", [r["seconds"] for r in document["rounds"]])
 
     # Round 1's global statistics are the embedded simulation's.
@@ -739,7 +739,7 @@ def test_hbn_logs_its_own_count_and_flags_an_accuracy_with_nodes_missing(caplog,
     assert "round 2: the accuracy is measured on 3 of 4 clients' test shares" in logged
     last = strategy.history[-1]
     assert last.evaluation_incomplete
-    assert len(last.evaluated_nodes) == 3
+    assert len(last.evaluated_clients) == 3
     document = read_results(tmp_path)
     assert document["rounds"][-1]["evaluation_incomplete"] is True
 
@@ -751,7 +751,7 @@ def test_an_accuracy_of_every_node_is_not_flagged():
     start(strategy, config, grid)
     (flower_round,) = strategy.history
     assert not flower_round.evaluation_incomplete
-    assert flower_round.evaluated_nodes == (1, 2, 3, 4)
+    assert flower_round.evaluated_clients == (1, 2, 3, 4)
 
 
 # -- defect 6: HBN in a Flower user's own app -----------------------------------------------------
@@ -932,7 +932,7 @@ def test_an_error_the_superlink_sends_for_a_gone_node_is_that_nodes_fault(caplog
     with caplog.at_level(logging.WARNING, logger="federation"):
         start(strategy, config, grid)
     (flower_round,) = strategy.history
-    assert {(f.node_id, f.step) for f in flower_round.faults} == {
+    assert {(f.client, f.step) for f in flower_round.faults} == {
         (2, "statistics"),
         (2, "training"),
     }

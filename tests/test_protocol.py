@@ -396,3 +396,25 @@ def test_a_runs_summary_uses_the_t_interval_of_its_last_ten_accuracies():
     assert summary.last10_ci95 == pytest.approx(half, rel=1e-9)
     assert (summary.last10_mean_accuracy, summary.last10_ci95) == confidence_interval(last)
     assert summarize(history[:1]).last10_ci95 is None
+
+
+# -- the round's training loss ------------------------------------------------------------------
+
+
+@given(
+    results=st.lists(st.tuples(floats(0.0, 1e4), st.integers(1, 10**6)), min_size=1, max_size=20)
+)
+def test_the_train_loss_is_the_example_weighted_mean_of_the_clients_losses(results):
+    losses = np.asarray([loss for loss, _ in results], np.float64)
+    examples = np.asarray([count for _, count in results], np.float64)
+    expected = (losses * examples).sum() / examples.sum()
+    actual = protocol.train_loss([loss for loss, _ in results], [c for _, c in results])
+    np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-300)
+    assert min(losses) <= actual * (1 + 1e-12)
+    assert actual <= max(losses) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize(("losses", "examples"), [([], []), ([1.0], [1, 2]), ([1.0, 2.0], [0, 0])])
+def test_a_train_loss_without_clients_or_examples_is_refused(losses, examples):
+    with pytest.raises(ValueError, match="`losses` and `examples`"):
+        protocol.train_loss(losses, examples)

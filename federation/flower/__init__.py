@@ -19,14 +19,12 @@ deployment.
 
 from federation.flower.app import make_server_app
 from federation.flower.client_app import make_client_app, register_statistics_query
-from federation.flower.strategy import FlowerRound, HBNFedAvg, HBNStrategy, NodeFault
+from federation.flower.strategy import HBNFedAvg, HBNStrategy
 from federation.flower.wire import ServerOptions, config_from_run_config
 
 __all__ = [
-    "FlowerRound",
     "HBNFedAvg",
     "HBNStrategy",
-    "NodeFault",
     "ServerOptions",
     "config_from_run_config",
     "make_client_app",

@@ -36,8 +36,10 @@ from federation.flower.wire import (
     STATISTICS_ACTION,
     config_from_run_config,
     report_content,
+    sole_records,
     state_from_record,
     state_record,
+    train_reply_content,
     write_atomically,
 )
 from federation.layout import Role, check_state, select
@@ -153,15 +155,7 @@ def received(message: Message, layout: Layout) -> tuple[State, int, dict[str, ob
         If the message does not hold one ArrayRecord and one ConfigRecord, or they do not
         check.
     """
-    content = message.content
-    if len(content.array_records) != 1 or len(content.config_records) != 1:
-        msg = (
-            "an HBN message must hold one ArrayRecord and one ConfigRecord; got "
-            f"{len(content.array_records)} and {len(content.config_records)}."
-        )
-        raise ValueError(msg)
-    (arrays,) = content.array_records.values()
-    (config,) = content.config_records.values()
+    _, arrays, config = sole_records(message.content, "config", "an HBN message")
     state = state_from_record(arrays)
     check_state(state, layout, names=select(layout, Role.SHARED, Role.STATISTICS))
     server_round = config.get("server-round")
@@ -300,9 +294,7 @@ def make_client_app(
             rng=here.rng(Stream.TRAINING, round_index),
         )
         here.keep_personal(context, update.personal)
-        metrics = MetricRecord({"num-examples": update.examples, "train-loss": update.train_loss})
-        content = RecordDict({"arrays": state_record(update.sent), "metrics": metrics})
-        return Message(content, reply_to=message)
+        return Message(train_reply_content(update), reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:

@@ -22,6 +22,10 @@ its reason (logger ``federation``) and left out of that step (:func:`federation.
 as in the embedded engine); a node's second reply to one message is ignored. With fewer than
 ``clients.min_clients`` valid nodes in a step, :class:`~federation.protocol.RoundFailedError`
 is raised and the global state stays as it was.
+
+Each committed round leaves a :class:`~federation.protocol.RoundRecord`, the embedded engine's
+type, whose client ids are Flower node ids. What crosses the wire, both ways, is read and
+built in :mod:`federation.flower.wire`.
 """
 
 from __future__ import annotations
@@ -32,78 +36,45 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
 from federation import protocol, steps
 from federation.flower.wire import (
-    STATISTICS_MESSAGE_TYPE,
     NodeSetupError,
     check_runs_on_flower,
     first_replies,
     raise_reply_error,
+    read_replies,
     read_report,
+    replies_train_loss,
+    report_client_id,
+    shared_train_reply,
     state_from_record,
     state_record,
+    statistics_queries,
     travelling_state,
     with_arrays,
 )
 from federation.layout import Role, select
-from federation.protocol import RoundFailedError
+from federation.protocol import RoundFailedError, RoundRecord
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Iterable
 
-    from flwr.app import ArrayRecord, MetricRecord
+    from flwr.app import ArrayRecord, Message, MetricRecord
     from flwr.serverapp import Grid
     from flwr.serverapp.strategy import Result
 
     from federation.config import Config
     from federation.layout import Layout, State
-    from federation.protocol import GlobalStatistics, StatisticsReport
+    from federation.protocol import Fault, GlobalStatistics, StatisticsReport
     from federation.steps import Settled
 
-__all__ = ["FlowerRound", "HBNFedAvg", "HBNStrategy", "NodeFault", "NodeSetupError"]
+__all__ = ["HBNFedAvg", "HBNStrategy", "NodeSetupError"]
 
 logger = logging.getLogger("federation")
 Read = TypeVar("Read")
-
-
-@dataclasses.dataclass(frozen=True)
-class NodeFault:
-    """A node left out of a step of a round, and why."""
-
-    round: int
-    node_id: int
-    step: str
-    reason: str
-
-
-@dataclasses.dataclass(frozen=True)
-class FlowerRound:
-    """What one committed round did; rounds count from 1, nodes are Flower node ids.
-
-    ``statistics`` is the global statistics the round left (float64 ``(mean, var)`` per HBN
-    layer); ``accuracy`` and ``loss`` are the nodes' evaluation, weighted by test examples.
-    ``seconds`` holds the wall time of each step, from its messages going out to its
-    aggregate: ``statistics``, ``training`` and ``evaluation``. ``evaluated_nodes`` are the
-    nodes whose evaluation counted; ``evaluation_incomplete`` flags an accuracy measured on
-    fewer than ``data.num_clients`` nodes, so not on the whole test set.
-    """
-
-    round: int
-    lr: float
-    sampled: tuple[int, ...]
-    statistics_nodes: tuple[int, ...] = ()
-    trained_nodes: tuple[int, ...] = ()
-    statistics: GlobalStatistics = dataclasses.field(default_factory=dict)
-    train_loss: float | None = None
-    accuracy: float | None = None
-    loss: float | None = None
-    seconds: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    faults: tuple[NodeFault, ...] = ()
-    evaluated_nodes: tuple[int, ...] = ()
-    evaluation_incomplete: bool = False
 
 
 if TYPE_CHECKING:  # the type checker sees the base a mixin goes with
@@ -140,7 +111,8 @@ class HBNStrategy(_FedAvgFamily):
     Attributes
     ----------
     history
-        A :class:`FlowerRound` per committed round.
+        A :class:`~federation.protocol.RoundRecord` per committed round, its client ids node
+        ids; it fills ``statistics``, ``evaluated_clients`` and ``evaluation_incomplete``.
     client_ids
         Each node's client index (its ``partition-id``), as its reports declared it.
 
@@ -170,19 +142,16 @@ class HBNStrategy(_FedAvgFamily):
         self.hbn_config = config
         self.layout = dict(layout)
         self.shared_names = select(layout, Role.SHARED)
-        self.statistics_names = select(layout, Role.STATISTICS)
         self.hbn_layers = protocol.hbn_layers(layout)
-        self.history: list[FlowerRound] = []
+        self.history: list[RoundRecord] = []
         self.client_ids: dict[int, int] = {}
         self.query_timeout = query_timeout
         self._timeout = 3600.0  # start's timeout (Flower's default), for the statistics query
         # The round between configure_train and aggregate_train, and the state it went out with.
-        self._pending: FlowerRound | None = None
+        self._pending: RoundRecord | None = None
         self._sent: State = {}
         self._train_messages: list[Message] = []
         self._clock = 0.0  # when the current step's messages went out
-
-    # -- the round ---------------------------------------------------------------------------
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
         """Flower's run loop; its ``timeout`` also bounds the statistics query of every round."""
@@ -209,67 +178,55 @@ class HBNStrategy(_FedAvgFamily):
         shared = state_record({name: state[name] for name in self.shared_names})
         messages = list(super().configure_train(server_round, shared, train_config, grid))
         nodes = tuple(m.metadata.dst_node_id for m in messages)
-        faults: tuple[NodeFault, ...] = ()
+        settled: Settled[StatisticsReport] = steps.settle(
+            {}, [], round_number=server_round, step="statistics"
+        )
         statistics: GlobalStatistics = {}
-        reports: dict[int, StatisticsReport] = {}
         if self.hbn_layers and messages:
-            reports, faults = self._query_statistics(server_round, nodes, arrays, grid)
-            settings = self.hbn_config.statistics
+            settled = self._query_statistics(server_round, nodes, arrays, grid)
+            reports = steps.require(settled, self.hbn_config.clients.min_clients)
             # The blend's index counts committed rounds (a failed round blends nothing), as
             # the embedded simulation's does: statistics.warmup schedules by it.
             statistics = protocol.next_statistics(
-                state, list(reports.values()), settings, self.hbn_layers, len(self.history)
+                state,
+                _in_client_order(reports, self.client_ids),
+                self.hbn_config.statistics,
+                self.hbn_layers,
+                len(self.history),
             )
         self._clock = time.perf_counter()
-        self._pending = FlowerRound(
+        self._pending = RoundRecord(
             round=server_round,
             lr=lr,
             sampled=nodes,
-            statistics_nodes=tuple(sorted(reports)),
+            statistics_clients=tuple(sorted(settled.valid)),
             statistics=statistics,
             seconds={"statistics": self._clock - start},
-            faults=faults,
+            faults=settled.faults,
         )
-        self._sent = state
-        self._train_messages = messages  # the grid gives them their ids as it sends them
+        self._sent, self._train_messages = state, messages  # the grid gives them their ids
         for message in messages:
             message.content = with_arrays(message.content, arrays)
         return messages
 
     def _query_statistics(
-        self,
-        server_round: int,
-        nodes: tuple[int, ...],
-        arrays: ArrayRecord,
-        grid: Grid,
-    ) -> tuple[dict[int, StatisticsReport], tuple[NodeFault, ...]]:
-        """The nodes' checked reports, by client id (the embedded pool's order); the faults."""
-        content = RecordDict(
-            {"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}
-        )
-        queries = [
-            Message(content=content, message_type=STATISTICS_MESSAGE_TYPE, dst_node_id=node)
-            for node in nodes
-        ]
+        self, server_round: int, nodes: tuple[int, ...], arrays: ArrayRecord, grid: Grid
+    ) -> Settled[StatisticsReport]:
+        """The nodes' settled statistics step: their checked reports and the faults."""
+        queries = statistics_queries(nodes, arrays, server_round)
         timeout = self._timeout if self.query_timeout is None else self.query_timeout
         replies = first_replies(grid.send_and_receive(queries, timeout=timeout), nodes, queries)
-        settled = steps.settle(
-            _outcomes(replies, self._read_report),
-            nodes,
-            round_number=server_round,
-            step="statistics",
-            participant="node",
+        outcomes = read_replies(replies, self._read_report)
+        return steps.settle(
+            outcomes, nodes, round_number=server_round, step="statistics", participant="node"
         )
-        reports = steps.require(settled, self.hbn_config.clients.min_clients)
-        ordered = sorted(reports.items(), key=lambda item: self.client_ids.get(item[0], item[0]))
-        return dict(ordered), _node_faults(settled)
 
     def _read_report(self, node: int, reply: Message) -> StatisticsReport:
         raise_reply_error(reply)
         report = read_report(reply.content, self.hbn_layers)
         protocol.check_report(report, self.hbn_layers)
-        client_id = reply.content.metric_records["hbn-report"].get("client-id")
-        if isinstance(client_id, int):
+        client_id = report_client_id(reply.content)
+        if client_id is not None:
             self.client_ids[node] = client_id
         return report
 
@@ -283,13 +240,13 @@ class HBNStrategy(_FedAvgFamily):
             raise RuntimeError(msg)
         received = first_replies(replies, record.sampled, self._train_messages)
         settled = steps.settle(
-            _outcomes(received, self._shared_reply),
+            read_replies(received, self._shared_reply),
             record.sampled,
             round_number=server_round,
             step="training",
             participant="node",
         )
-        faults = [*record.faults, *_node_faults(settled)]
+        faults = (*record.faults, *settled.faults)
         valid = steps.require(settled, self.hbn_config.clients.min_clients)
         shared, metrics = super().aggregate_train(server_round, list(valid.values()))
         _log_count(server_round, "training", len(valid), record.sampled, faults)
@@ -299,48 +256,24 @@ class HBNStrategy(_FedAvgFamily):
         sent = self._sent
         state = {name: shared[name].numpy().astype(sent[name].dtype) for name in self.shared_names}
         state |= protocol.statistics_state(record.statistics, self.hbn_layers, sent)
-        loss = None if metrics is None else metrics.get("train-loss")
-        train_loss = float(loss) if isinstance(loss, int | float) else None
         self.history.append(
             dataclasses.replace(
                 record,
-                trained_nodes=tuple(sorted(valid)),
-                train_loss=train_loss,
+                trained_clients=tuple(sorted(valid)),
+                # In client-id order, as the embedded engine sums: the same loss to the bit.
+                train_loss=replies_train_loss(
+                    _in_client_order(valid, self.client_ids), self.weighted_by_key
+                ),
                 seconds={**record.seconds, "training": time.perf_counter() - self._clock},
-                faults=tuple(faults),
+                faults=faults,
             )
         )
         return state_record(state), metrics
 
     def _shared_reply(self, _node: int, reply: Message) -> Message:
-        """The reply, its ArrayRecord cut down to the checked ``shared`` tensors.
-
-        Statistics, alpha and counters (``num_batches_tracked``) a client may have sent are
-        dropped here, before any averaging.
-        """
-        raise_reply_error(reply)
-        content = reply.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            msg = (
-                "a train reply must hold one ArrayRecord and one MetricRecord; got "
-                f"{len(content.array_records)} and {len(content.metric_records)}."
-            )
-            raise ValueError(msg)
-        ((array_key, arrays),) = content.array_records.items()
-        received = state_from_record(arrays)
-        shared = {name: received[name] for name in self.shared_names if name in received}
-        (metrics,) = content.metric_records.values()
-        examples = metrics.get(self.weighted_by_key)
-        protocol.check_update(
-            shared,
-            examples,
-            self.layout,
-            self.shared_names,
-            like=self._sent,
-            train_loss=metrics.get("train-loss"),
+        return shared_train_reply(
+            reply, layout=self.layout, like=self._sent, weighted_by=self.weighted_by_key
         )
-        reply.content = with_arrays(content, state_record(shared), key=array_key)
-        return reply
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -358,15 +291,7 @@ class HBNStrategy(_FedAvgFamily):
         replies = list(replies)
         metrics: MetricRecord | None = super().aggregate_evaluate(server_round, replies)
         evaluated = tuple(sorted({r.metadata.src_node_id for r in replies if not r.has_error()}))
-        incomplete = len(evaluated) < self.hbn_config.data.num_clients
-        if incomplete:
-            logger.warning(
-                "round %d: the accuracy is measured on %d of %d clients' test shares, not on "
-                "the whole test set",
-                server_round,
-                len(evaluated),
-                self.hbn_config.data.num_clients,
-            )
+        incomplete = _incomplete(server_round, evaluated, self.hbn_config.data.num_clients)
         if metrics is not None and self.history and self.history[-1].round == server_round:
             last = self.history[-1]
             self.history[-1] = dataclasses.replace(
@@ -374,34 +299,40 @@ class HBNStrategy(_FedAvgFamily):
                 accuracy=_metric(metrics, "accuracy"),
                 loss=_metric(metrics, "loss"),
                 seconds={**last.seconds, "evaluation": time.perf_counter() - self._clock},
-                evaluated_nodes=evaluated,
+                evaluated_clients=evaluated,
                 evaluation_incomplete=incomplete,
             )
         return metrics
 
 
-def _outcomes(
-    replies: Mapping[int, Message], read: Callable[[int, Message], Read]
-) -> dict[int, Read | Exception]:
-    """Each node's reply as ``read(node, reply)`` reads and checks it, or its fault's error.
+class HBNFedAvg(HBNStrategy, FedAvg):
+    """HBN rounds over :class:`flwr.serverapp.strategy.FedAvg` (see :class:`HBNStrategy`)."""
 
-    A :class:`NodeSetupError` is not caught: it ends the run.
+
+def _in_client_order(by_node: dict[int, Read], client_ids: dict[int, int]) -> list[Read]:
+    """The nodes' values in their client ids' order, the order the embedded engine pools in."""
+    return [by_node[node] for node in sorted(by_node, key=lambda n: client_ids.get(n, n))]
+
+
+def _incomplete(server_round: int, evaluated: tuple[int, ...], num_clients: int) -> bool:
+    """Whether fewer nodes than ``num_clients`` evaluated (logged).
+
+    The accuracy is then not measured on the whole test set.
     """
-    outcomes: dict[int, Read | Exception] = {}
-    for node, reply in replies.items():
-        try:
-            outcomes[node] = read(node, reply)
-        except (ValueError, TypeError) as error:
-            outcomes[node] = error
-    return outcomes
-
-
-def _node_faults(settled: Settled[Any]) -> tuple[NodeFault, ...]:
-    return tuple(NodeFault(f.round, f.client, f.step, f.reason) for f in settled.faults)
+    if len(evaluated) >= num_clients:
+        return False
+    logger.warning(
+        "round %d: the accuracy is measured on %d of %d clients' test shares, not on "
+        "the whole test set",
+        server_round,
+        len(evaluated),
+        num_clients,
+    )
+    return True
 
 
 def _log_count(
-    server_round: int, step: str, valid: int, sampled: tuple[int, ...], faults: list[NodeFault]
+    server_round: int, step: str, valid: int, sampled: tuple[int, ...], faults: tuple[Fault, ...]
 ) -> None:
     """HBN's own count of a step's replies, after the base strategy's log line.
 
@@ -417,12 +348,8 @@ def _log_count(
         valid,
         len(sampled),
         len(left_out),
-        "".join(f"; node {fault.node_id}: {fault.reason}" for fault in left_out),
+        "".join(f"; node {fault.client}: {fault.reason}" for fault in left_out),
     )
-
-
-class HBNFedAvg(HBNStrategy, FedAvg):
-    """HBN rounds over :class:`flwr.serverapp.strategy.FedAvg` (see :class:`HBNStrategy`)."""
 
 
 def _metric(metrics: MetricRecord, name: str) -> float | None:

@@ -20,14 +20,15 @@ import logging
 import os
 import pathlib
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from federation import protocol
 from federation.config import ConfigError, at_least, build_section, option, parse_config
 from federation.layout import Role, check_state, select
-from federation.protocol import StatisticsReport
+from federation.protocol import StatisticsReport, Update
 from hbn_core import Moments
 
 if TYPE_CHECKING:
@@ -50,21 +51,31 @@ __all__ = [
     "config_from_run_config",
     "first_replies",
     "raise_reply_error",
+    "read_replies",
     "read_report",
+    "replies_train_loss",
+    "report_client_id",
     "report_content",
+    "shared_train_reply",
+    "sole_records",
     "state_from_record",
     "state_record",
+    "statistics_queries",
+    "train_reply_content",
     "travelling_state",
     "with_arrays",
     "write_atomically",
 ]
 
 logger = logging.getLogger("federation")
+Read = TypeVar("Read")
 
 STATISTICS_ACTION = "hbn_statistics"
 STATISTICS_MESSAGE_TYPE = f"query.{STATISTICS_ACTION}"
 STATISTICS_KEY = "hbn-statistics"
 REPORT_KEY = "hbn-report"
+TRAIN_LOSS = "train-loss"
+EXAMPLES = "num-examples"
 FIELDS = ("count", "mean", "m2")
 HBN_PREFIX = "hbn."
 FRAMEWORK_MISSING = "lacks its framework"
@@ -119,6 +130,23 @@ def report_content(report: StatisticsReport, client_id: int) -> RecordDict:
     return RecordDict({STATISTICS_KEY: state_record(arrays), REPORT_KEY: metrics})
 
 
+def statistics_queries(
+    nodes: Iterable[int], arrays: ArrayRecord, server_round: int
+) -> list[Message]:
+    """The statistics query of round ``server_round`` to each node, with the global state."""
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+    return [
+        Message(content=content, message_type=STATISTICS_MESSAGE_TYPE, dst_node_id=node)
+        for node in nodes
+    ]
+
+
+def report_client_id(content: RecordDict) -> int | None:
+    """The client id a statistics reply declares, if it declares one."""
+    client_id = content.metric_records[REPORT_KEY].get("client-id")
+    return client_id if isinstance(client_id, int) else None
+
+
 def read_report(content: RecordDict, layers: Iterable[str]) -> StatisticsReport:
     """The :class:`~federation.protocol.StatisticsReport` a statistics reply carries.
 
@@ -160,6 +188,100 @@ def read_report(content: RecordDict, layers: Iterable[str]) -> StatisticsReport:
         )
         raise ValueError(msg)
     return StatisticsReport(moments, examples, dataset_size)
+
+
+def train_reply_content(update: Update) -> RecordDict:
+    """The content of a reply to a train message: the tensors sent, examples and loss."""
+    metrics = MetricRecord({EXAMPLES: update.examples, TRAIN_LOSS: update.train_loss})
+    return RecordDict({"arrays": state_record(update.sent), "metrics": metrics})
+
+
+def sole_records(
+    content: RecordDict, other: Literal["config", "metric"], what: str
+) -> tuple[str, ArrayRecord, ConfigRecord | MetricRecord]:
+    """The key and record of ``content``'s one ArrayRecord, and its one config or metric record.
+
+    Raises
+    ------
+    ValueError
+        If ``content`` holds other than one ArrayRecord and one record of kind ``other``;
+        the message names ``what`` the content is.
+    """
+    others = content.config_records if other == "config" else content.metric_records
+    if len(content.array_records) != 1 or len(others) != 1:
+        msg = (
+            f"{what} must hold one ArrayRecord and one {other.capitalize()}Record; got "
+            f"{len(content.array_records)} and {len(others)}."
+        )
+        raise ValueError(msg)
+    ((key, arrays),) = content.array_records.items()
+    (record,) = others.values()
+    return key, arrays, record
+
+
+def shared_train_reply(reply: Message, *, layout: Layout, like: State, weighted_by: str) -> Message:
+    """A train reply, checked, its ArrayRecord cut down to the ``shared`` tensors.
+
+    Statistics, alpha and counters (``num_batches_tracked``) a client may have sent are
+    dropped here, before any averaging; the shared tensors, the example count
+    (``weighted_by``) and the training loss are checked
+    (:func:`federation.protocol.check_update`, against ``like``, the state sent).
+
+    Raises
+    ------
+    ValueError, TypeError
+        If the reply is an error, is not one ArrayRecord and one MetricRecord, or does not
+        check; :class:`NodeSetupError` for a node without its framework.
+    """
+    raise_reply_error(reply)
+    key, arrays, metrics = sole_records(reply.content, "metric", "a train reply")
+    received = state_from_record(arrays)
+    names = select(layout, Role.SHARED)
+    shared = {name: received[name] for name in names if name in received}
+    protocol.check_update(
+        shared,
+        metrics.get(weighted_by),
+        layout,
+        names,
+        like=like,
+        train_loss=metrics.get(TRAIN_LOSS),
+    )
+    reply.content = with_arrays(reply.content, state_record(shared), key=key)
+    return reply
+
+
+def replies_train_loss(replies: Iterable[Message], weighted_by: str) -> float | None:
+    """The round's training loss (:func:`federation.protocol.train_loss`) from train replies.
+
+    The replies are checked ones (:func:`sole_records`, :func:`federation.protocol.check_update`):
+    each ``train-loss`` weighs its reply's ``weighted_by`` examples. ``None`` if a reply
+    reports no training loss.
+    """
+    losses, examples = [], []
+    for reply in replies:
+        (metrics,) = reply.content.metric_records.values()
+        loss, count = metrics.get(TRAIN_LOSS), metrics.get(weighted_by)
+        if not isinstance(loss, int | float) or not isinstance(count, int):
+            return None
+        losses.append(float(loss))
+        examples.append(count)
+    return protocol.train_loss(losses, examples)
+
+
+def read_replies(
+    replies: Mapping[int, Message], read: Callable[[int, Message], Read]
+) -> dict[int, Read | Exception]:
+    """Each node's reply as ``read(node, reply)`` reads and checks it, or its fault's error.
+
+    A :class:`NodeSetupError` is not caught: it ends the run.
+    """
+    outcomes: dict[int, Read | Exception] = {}
+    for node, reply in replies.items():
+        try:
+            outcomes[node] = read(node, reply)
+        except (ValueError, TypeError) as error:
+            outcomes[node] = error
+    return outcomes
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, ServerOptions]:

@@ -34,6 +34,7 @@ __all__ = [
     "SGDConfig",
     "TrainResult",
     "build_model",
+    "check_known_names",
     "native_tensor_spec",
     "trainable_batches",
 ]
@@ -314,6 +315,24 @@ def trainable_batches(
     for batch in batches:
         if not (skips_single and len(batch[1]) == 1):
             yield batch
+
+
+def check_known_names(state: Mapping[str, object], known: Iterable[str], what: str) -> None:
+    """Refuse a ``state`` to write into a model of your own that names what it lacks.
+
+    The ``*_moments`` functions of the framework modules (``torch_moments``, ``flax_moments``,
+    ``keras_moments``) write ``state`` into your model, then run its statistics step; they
+    return each HBN layer's moments (NumPy) and the number of examples forwarded.
+
+    Raises
+    ------
+    ValueError
+        If ``state`` names a tensor not among ``known``; ``what`` says what ``known`` holds.
+    """
+    unknown = sorted(set(state) - set(known))
+    if unknown:
+        msg = f"`state` must name {what}; unknown: {unknown}."
+        raise ValueError(msg)
 
 
 def build_model(framework: str, spec: ModelSpec, *, seed: int) -> FrameworkModel:

@@ -53,6 +53,7 @@ from federation.models import (
     ModelSpec,
     SGDConfig,
     TrainResult,
+    check_known_names,
     native_tensor_spec,
     trainable_batches,
 )
@@ -380,21 +381,11 @@ def flax_moments(
     first, each cast to its variable's dtype; the model's other variables (its alpha) stay.
     ``batches`` (model inputs) then run through :func:`backends.flax.collect_statistics`.
 
-    Returns
-    -------
-    tuple[dict[str, hbn_core.Moments], int]
-        The moments by HBN layer (NumPy) and the number of examples forwarded.
-
-    Raises
-    ------
-    ValueError
-        If ``state`` names a tensor ``model`` does not have.
+    Returns the moments and examples and raises as :func:`~federation.models.check_known_names`
+    describes.
     """
     variables = _flax_variables(model)
-    unknown = sorted(set(state) - set(variables))
-    if unknown:
-        msg = f"`state` must name floating variables of the model; unknown: {unknown}."
-        raise ValueError(msg)
+    check_known_names(state, variables, "floating variables of the model")
     for name, value in state.items():
         variables[name][...] = jnp.asarray(value, variables[name][...].dtype)
     examples = 0

@@ -54,6 +54,7 @@ from federation.models import (
     ModelSpec,
     SGDConfig,
     TrainResult,
+    check_known_names,
     native_tensor_spec,
     trainable_batches,
 )
@@ -436,21 +437,11 @@ def keras_moments(
     weights first, each cast to its weight's dtype; the other weights (its alpha) stay.
     ``batches`` (model inputs) then run through :func:`backends.keras.collect_statistics`.
 
-    Returns
-    -------
-    tuple[dict[str, hbn_core.Moments], int]
-        The moments by HBN layer (NumPy) and the number of examples forwarded.
-
-    Raises
-    ------
-    ValueError
-        If ``state`` names a weight ``model`` does not have.
+    Returns the moments and examples and raises as :func:`~federation.models.check_known_names`
+    describes.
     """
     variables = _keras_variables(model)
-    unknown = sorted(set(state) - set(variables))
-    if unknown:
-        msg = f"`state` must name floating weights of the model; unknown: {unknown}."
-        raise ValueError(msg)
+    check_known_names(state, variables, "floating weights of the model")
     for name, value in state.items():
         variables[name].assign(np.asarray(value, variables[name].dtype))
     examples = 0

@@ -25,6 +25,7 @@ from federation.models import (
     ModelSpec,
     SGDConfig,
     TrainResult,
+    check_known_names,
     native_tensor_spec,
     trainable_batches,
 )
@@ -238,21 +239,11 @@ def torch_moments(
     then runs forward in eval mode inside :func:`backends.torch.collect_statistics`; the
     module's training mode is restored afterwards.
 
-    Returns
-    -------
-    tuple[dict[str, hbn_core.Moments], int]
-        The moments by HBN layer (NumPy) and the number of examples forwarded.
-
-    Raises
-    ------
-    ValueError
-        If ``state`` names a tensor ``module`` does not have.
+    Returns the moments and examples and raises as :func:`~federation.models.check_known_names`
+    describes.
     """
     own = module.state_dict()
-    unknown = sorted(set(state) - set(own))
-    if unknown:
-        msg = f"`state` must name tensors of the module's state_dict; unknown: {unknown}."
-        raise ValueError(msg)
+    check_known_names(state, own, "tensors of the module's state_dict")
     for name, value in state.items():
         own[name].copy_(torch.from_numpy(np.asarray(value)))
     training = module.training

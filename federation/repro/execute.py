@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import dataclasses
 import functools
 import importlib
@@ -185,10 +184,9 @@ def execute(run: Run, profile: Profile, out_dir: pathlib.Path) -> RunResult:
             return
         probe_start = time.perf_counter()
         sampled = [simulation.clients[i] for i in record.sampled]
-        for name, probe_config in probes.items():
-            view = copy.copy(simulation)  # the run's state and models, evaluated as configured
-            view.config = probe_config
-            accuracy, _ = view.evaluate(simulation.state, record.round - 1, sampled, [])
+        for name, probe_config in probes.items():  # the run's state, evaluated as configured
+            state, index = simulation.state, record.round - 1
+            accuracy, _ = simulation.evaluate(state, index, sampled, [], config=probe_config)
             probe_curves[name].append((record.round, accuracy))
         probe_seconds += time.perf_counter() - probe_start
 

@@ -193,6 +193,21 @@ STATISTICS_STUDY = Study(
 # The full profile's tuned lrs at B = 4 (docs/results.md's lr tuning, seed 100).
 TUNED_LRS_B4 = {("hbn", 4): 0.01, ("hbn-authors", 4): 0.01, ("bn", 4): 0.005, ("fixbn", 4): 0.005}
 
+
+def _fixed_lrs(**fields: Any) -> Profile:
+    """A profile that runs fixed (tuned) learning rates: no lr grid, no tuning, no ablations."""
+    return Profile(
+        lr_grid={},
+        tune_rounds=0,
+        tune_seed=100,
+        tune_split=("dirichlet", 0.6),
+        ablation_setting=Setting("dirichlet", 0.6, 4),
+        ablations={},
+        candidates={},
+        **fields,
+    )
+
+
 PROFILES: dict[str, Profile] = {
     # Fashion-MNIST, 100 clients, 10% per round: about 2 hours with 2 workers on 2 cores.
     "full": Profile(
@@ -213,7 +228,7 @@ PROFILES: dict[str, Profile] = {
         candidates=HBN_CANDIDATES,
     ),
     # The study alone (issue 18): the full profile's data and federation, fixed tuned lrs.
-    "study": Profile(
+    "study": _fixed_lrs(
         name="study",
         data="fashion-mnist",
         num_clients=100,
@@ -221,14 +236,7 @@ PROFILES: dict[str, Profile] = {
         rounds=20,
         seeds=(),
         settings=(),
-        lr_grid={},
-        tune_rounds=0,
-        tune_seed=100,
-        tune_split=("dirichlet", 0.6),
         eval_every=5,
-        ablation_setting=Setting("dirichlet", 0.6, 4),
-        ablations={},
-        candidates={},
         methods=("hbn", "hbn-authors"),
         phases=("study",),
         study=STATISTICS_STUDY,
@@ -240,7 +248,7 @@ PROFILES: dict[str, Profile] = {
     # about 7.3 s for hbn, 5.5 s for hbn-authors, 4.0 s for bn and 4.4 s for fixbn, so a round
     # of all 24 runs costs 127 s of one worker: 250 rounds take about 8.8 hours of one worker,
     # 4.4 hours of 2. Evaluated every 10 rounds and in each of the last 10.
-    "long": Profile(
+    "long": _fixed_lrs(
         name="long",
         data="fashion-mnist",
         num_clients=100,
@@ -248,14 +256,7 @@ PROFILES: dict[str, Profile] = {
         rounds=250,
         seeds=(0, 1, 2),
         settings=_settings([("dirichlet", 0.6), ("dirichlet", 0.1)], (4,)),
-        lr_grid={},
-        tune_rounds=0,
-        tune_seed=100,
-        tune_split=("dirichlet", 0.6),
         eval_every=10,
-        ablation_setting=Setting("dirichlet", 0.6, 4),
-        ablations={},
-        candidates={},
         methods=("hbn", "hbn-authors", "bn", "fixbn"),
         phases=("grid",),
         grid_phase="long",

@@ -14,7 +14,7 @@ from federation.repro.statistics import confidence_interval, verdict
 
 if TYPE_CHECKING:
     import pathlib
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from federation.repro.execute import Results, RunResult
     from federation.repro.plan import Profile
@@ -81,9 +81,17 @@ def write_report(
     lines += _tuning_lines(profile, results.tuning)
     markdown.write_text("\n".join(lines) + "\n")
     if "grid" in profile.phases:
-        _plot(profile.settings, _method_curves(profile, grid), figure)
-    elif profile.study is not None:
-        _plot(profile.study.settings, _variant_curves(profile.study, results.study), figure)
+        _plot(
+            profile.settings,
+            _curves(grid, profile.methods, profile.settings, lambda r: r.run.method),
+            figure,
+        )
+    elif (study := profile.study) is not None:
+        _plot(
+            study.settings,
+            _curves(results.study, list(study.variants), study.settings, lambda r: r.run.variant),
+            figure,
+        )
 
 
 def _setup_lines(profile: Profile, results: Results, command: str) -> list[str]:
@@ -99,11 +107,7 @@ def _setup_lines(profile: Profile, results: Results, command: str) -> list[str]:
     if "grid" not in profile.phases and profile.study is not None:
         study = results.study
         return [
-            "## Set-up",
-            "",
-            f"- Command: `{command}`",
-            f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}, {platform.platform()}",
+            *_run_lines(command),
             f"- Data: `{profile.data}`, {profile.num_clients} clients, {profile.fraction:.0%} "
             "per round; Simple-CNN; torch clients.",
             f"- {profile.rounds} rounds, 1 local epoch, SGD momentum 0.9, clip 10{decay}; "
@@ -118,11 +122,7 @@ def _setup_lines(profile: Profile, results: Results, command: str) -> list[str]:
             "",
         ]
     return [
-        "## Set-up",
-        "",
-        f"- Command: `{command}`",
-        f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, {platform.platform()}",
+        *_run_lines(command),
         f"- Data: `{profile.data}`, {profile.num_clients} clients, {profile.fraction:.0%} per "
         "round; Simple-CNN; torch clients.",
         f"- {profile.rounds} rounds, 1 local epoch, SGD momentum 0.9, clip 10{decay}; "
@@ -471,27 +471,32 @@ def _tuning_lines(profile: Profile, tuning: Sequence[RunResult]) -> list[str]:
     return lines
 
 
+def _run_lines(command: str) -> list[str]:
+    """The set-up section's heading, and the command and machine that ran."""
+    return [
+        "## Set-up",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, {platform.platform()}",
+    ]
+
+
 Curves = dict[tuple[str, Setting], list[tuple[tuple[int, float], ...]]]
 
 
-def _method_curves(profile: Profile, grid: Sequence[RunResult]) -> Curves:
-    """Each (method, setting)'s accuracy curves, one per seed."""
+def _curves(
+    results: Sequence[RunResult],
+    labels: Sequence[str],
+    settings: Sequence[Setting],
+    label_of: Callable[[RunResult], str],
+) -> Curves:
+    """Each (label, setting)'s accuracy curves, one per seed; ``label_of`` labels a run."""
     return {
-        (method, s): curves
-        for method in profile.methods
-        for s in profile.settings
-        for curves in [[r.curve for r in grid if r.run.method == method and r.run.setting == s]]
-        if curves
-    }
-
-
-def _variant_curves(study: Study, results: Sequence[RunResult]) -> Curves:
-    """Each (study variant, setting)'s accuracy curves, one per seed."""
-    return {
-        (name, s): curves
-        for name in study.variants
-        for s in study.settings
-        for curves in [[r.curve for r in results if r.run.variant == name and r.run.setting == s]]
+        (label, s): curves
+        for label in labels
+        for s in settings
+        for curves in [[r.curve for r in results if label_of(r) == label and r.run.setting == s]]
         if curves
     }
 
