@@ -85,10 +85,12 @@ class Simulation:
         dataset: Dataset | None = None,
         models: Mapping[str, FrameworkModel] | None = None,
     ) -> None:
-        self.setup = set_up(config, dataset=dataset, models=models)
-        (self.config, self.data, self.models, self.layout, self.hbn_layers) = self.setup[:5]
-        (self.initial_personal, self.clients) = self.setup[6:]
-        self.state = protocol.initial_state(self.setup.initial, self.layout, len(self.clients))
+        setup = set_up(config, dataset=dataset, models=models)
+        self.setup = setup
+        self.config, self.data, self.models = setup.config, setup.data, setup.models
+        self.layout, self.hbn_layers = setup.layout, setup.hbn_layers
+        self.initial_personal, self.clients = setup.initial_personal, setup.clients
+        self.state = protocol.initial_state(setup.initial, setup.layout, len(setup.clients))
 
     @property
     def global_state(self) -> State:
