@@ -38,7 +38,10 @@ settings.register_profile("dev", max_examples=200, **_COMMON_SETTINGS)
 # properties on fewer examples. "dev" reruns them with its own 200.
 settings.register_profile("ci-rerun", max_examples=12, derandomize=True, **_COMMON_SETTINGS)
 RERUN_PROFILE = {"ci": "ci-rerun"}
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+# The session's profile, read from the environment: a test module may load another profile of its
+# own (tests/test_torch_module_harness.py does), so the current one is not always this.
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
+settings.load_profile(PROFILE)
 
 if importlib.util.find_spec("jax") is not None:
     import jax

@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
 
-from conftest import RERUN_PROFILE
+from conftest import PROFILE, RERUN_PROFILE
 
 pytestmark = pytest.mark.cross
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +30,7 @@ def test_the_keras_layer_tests_pass_on_another_keras_backend(backend):
     pytest.importorskip("keras")
     pytest.importorskip(backend)
     env = {**os.environ, "KERAS_BACKEND": backend, "HBN_REQUIRE": "keras"}
-    profile = settings.get_current_profile_name()
-    env["HYPOTHESIS_PROFILE"] = RERUN_PROFILE.get(profile, profile)
+    env["HYPOTHESIS_PROFILE"] = RERUN_PROFILE.get(PROFILE, PROFILE)
     command = [
         sys.executable,
         "-m",
