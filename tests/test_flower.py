@@ -61,8 +61,6 @@ from tests.strategies import floats  # noqa: E402
 
 pytestmark = [
     pytest.mark.flower,
-    # One pytest-xdist worker runs this module: its simulations each start a Ray cluster.
-    pytest.mark.xdist_group("ray"),
     # Ray leaves files and Popen objects of its own processes unclosed.
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),

@@ -1,7 +1,7 @@
 """The test harness's own promise: pytest-xdist keeps together the tests that must share a worker.
 
 The nox sessions run the tests on pytest-xdist with ``--dist=loadgroup``. Tests marked
-``xdist_group`` (the Ray simulations) and the tests sharing an expensive module fixture
+``xdist_group`` and the tests sharing an expensive module fixture
 (``SHARED_EXPENSIVE_FIXTURES`` in conftest.py) must run in one worker. pytest 9.2 with
 pytest-xdist 3.8 dropped the groups silently (pytest-dev/pytest-xdist#1386); this runs a small
 suite under the harness and checks where each test ran.
@@ -46,10 +46,10 @@ def test_sharing_the_fixture({fixture}, i):
     pass
 
 
-@pytest.mark.xdist_group("ray")
+@pytest.mark.xdist_group("one process")
 @pytest.mark.parametrize("i", range(6))
-def test_in_the_ray_group(i):
-    record("ray group in " + os.environ["PYTEST_XDIST_WORKER"])
+def test_in_a_group(i):
+    record("group in " + os.environ["PYTEST_XDIST_WORKER"])
 
 
 @pytest.mark.parametrize("i", range(12))
@@ -71,4 +71,4 @@ def test_grouped_tests_and_a_shared_expensive_fixture_stay_on_one_worker(tmp_pat
     assert completed.returncode == 0, completed.stdout + completed.stderr
     lines = log.read_text().splitlines()
     assert len([line for line in lines if line.startswith("fixture")]) == 1, lines
-    assert len({line for line in lines if line.startswith("ray")}) == 1, lines
+    assert len({line for line in lines if line.startswith("group")}) == 1, lines
