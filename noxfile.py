@@ -49,6 +49,13 @@ DOCTESTS = ("--doctest-modules", "--doctest-glob=*.md")
 PARALLEL = ("--numprocesses=auto", "--maxprocesses=4", "--dist=loadgroup")
 
 
+# uv installs no bytecode unless asked. The sessions whose tests start many processes at once
+# (Ray's workers, Flower's deployment, the command line, killed runs) then compile torch's and
+# JAX's modules in each of them: tests-flower took 385 s without and 256 s with it, the
+# compilation costing about 33 s of the install.
+COMPILED_BYTECODE = {"UV_COMPILE_BYTECODE": "1"}
+
+
 SessionFunction = Callable[[nox.Session], None]
 
 
@@ -149,7 +156,7 @@ def tests_core(session: nox.Session) -> None:
 @removed_on_ci
 def tests_torch(session: nox.Session) -> None:
     """The core on PyTorch tensors, and the torch adapter (backends.torch)."""
-    session.install(TORCH, "-e", ".[torch,federation,test]")
+    session.install(TORCH, "-e", ".[torch,federation,test]", env=COMPILED_BYTECODE)
     build_torch_operator(session)
     run_pytest(
         session,
@@ -203,7 +210,7 @@ def tests_tf(session: nox.Session) -> None:
 @removed_on_ci
 def tests_cross(session: nox.Session) -> None:
     """Every framework in one environment: cross-framework agreement, Keras on JAX and torch."""
-    session.install(TORCH, "-e", ".[all,test]")
+    session.install(TORCH, "-e", ".[all,test]", env=COMPILED_BYTECODE)
     build_torch_operator(session)
     run_pytest(session, "-m", "cross", "tests", require="cross,torch,jax,tf")
 
@@ -212,7 +219,7 @@ def tests_cross(session: nox.Session) -> None:
 @removed_on_ci
 def tests_flower(session: nox.Session) -> None:
     """HBN on Flower: simulations of torch and Flax nodes, checked against the embedded one."""
-    session.install(TORCH, "-e", ".[torch,jax,flower,federation,test]")
+    session.install(TORCH, "-e", ".[torch,jax,flower,federation,test]", env=COMPILED_BYTECODE)
     build_torch_operator(session)
     run_pytest(session, "-m", "flower", "tests", require="flower")
 
