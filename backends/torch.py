@@ -303,10 +303,17 @@ def _load_compiled_kernel(directory: pathlib.Path, timeout: float) -> str | None
                     "a process that died during a build leaves it; delete it if no build is "
                     "running"
                 )
+            # at::parallel_for runs on OpenMP in torch's Linux builds, inlined from its headers:
+            # without -fopenmp the operator's loops would run on one thread. The library is
+            # torch's own libgomp.so.1, already loaded by the time this runs. (Apple's clang
+            # has no -fopenmp: there the loops stay on one thread.)
+            linux_openmp = sys.platform == "linux" and torch.backends.openmp.is_available()
+            openmp = ["-fopenmp"] if linux_openmp else []
             cpp_extension.load(
                 name="hbn_torch_kernels",
                 sources=[str(_KERNEL_SOURCE)],
-                extra_cflags=["-O3"],
+                extra_cflags=["-O3", *openmp],
+                extra_ldflags=openmp,
                 build_directory=str(directory),
                 is_python_module=False,
             )

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_EXPENSIVE_FIXTURES
+from conftest import (
+    SHARED_EXPENSIVE_FIXTURES,
+    THREAD_COUNT_VARIABLES,
+    share_the_cores_among_the_workers,
+)
 
 pytest.importorskip("xdist")
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,17 +58,19 @@ def test_in_a_group(i):
 
 @pytest.mark.parametrize("i", range(12))
 def test_free(i):
-    pass
+    record("threads " + os.environ["OMP_NUM_THREADS"])
 """
 
 
 def test_grouped_tests_and_a_shared_expensive_fixture_stay_on_one_worker(tmp_path):
+    """Each worker also gets its share of the cores (conftest.share_the_cores_among_the_workers)."""
     fixture = min(SHARED_EXPENSIVE_FIXTURES)
     (tmp_path / "test_suite.py").write_text(textwrap.dedent(SUITE.format(fixture=fixture)))
     log = tmp_path / "log.txt"
     command = [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider"]
     command += ["-n", "2", "--dist=loadgroup", "-q", "test_suite.py"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HARNESS_LOG": str(log), "HBN_REQUIRE": ""}
+    env = {name: value for name, value in os.environ.items() if name not in THREAD_COUNT_VARIABLES}
+    env |= {"PYTHONPATH": str(ROOT), "HARNESS_LOG": str(log), "HBN_REQUIRE": ""}
     completed = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
     )
@@ -72,3 +78,25 @@ def test_grouped_tests_and_a_shared_expensive_fixture_stay_on_one_worker(tmp_pat
     lines = log.read_text().splitlines()
     assert len([line for line in lines if line.startswith("fixture")]) == 1, lines
     assert len({line for line in lines if line.startswith("group")}) == 1, lines
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert {line for line in lines if line.startswith("threads")} == {f"threads {share}"}, lines
+
+
+@pytest.mark.parametrize(("cores", "workers", "threads"), [(2, 2, "1"), (8, 2, "4"), (2, 4, "1")])
+def test_each_worker_gets_its_share_of_the_cores(monkeypatch, cores, workers, threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)), raising=False)
+    environment = {"PYTEST_XDIST_WORKER_COUNT": str(workers)}
+    share_the_cores_among_the_workers(environment)
+    assert {
+        variable: environment[variable] for variable in THREAD_COUNT_VARIABLES
+    } == dict.fromkeys(THREAD_COUNT_VARIABLES, threads)
+
+
+def test_a_thread_count_the_user_set_is_kept_and_one_process_is_left_alone():
+    chosen = {"PYTEST_XDIST_WORKER_COUNT": "2", "OMP_NUM_THREADS": "7"}
+    share_the_cores_among_the_workers(chosen)
+    assert chosen["OMP_NUM_THREADS"] == "7"
+    assert chosen["TF_NUM_INTRAOP_THREADS"] != "7"
+    alone: dict[str, str] = {}
+    share_the_cores_among_the_workers(alone)
+    assert alone == {}

@@ -97,6 +97,39 @@ def test_gradients_equal_the_core_backward(case, path):
         np.testing.assert_allclose(actual.numpy(), reference, rtol=1e-9, atol=1e-9 * scale)
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+def test_the_operators_threaded_loop_gives_the_core_backward(threads):
+    """An (N, C) input's gradient is one loop split over torch's threads by rows.
+
+    The test sessions give each worker process one thread (conftest.py), which would leave the
+    split untested: here 40,000 rows of 3 channels make four tasks of 10,922 rows (torch's grain
+    of 32,768 elements) on 4 threads, and one on 1. A loop that wrote only its first task's rows
+    passes on 1 thread and fails on 4, provided the operator is built with OpenMP.
+    """
+    rng = np.random.default_rng(threads)
+    channels = 3
+    case = {
+        "x": rng.normal(2.0, 3.0, (40_000, channels)),
+        "weight": rng.normal(size=channels),
+        "bias": rng.normal(size=channels),
+        "alpha": rng.normal(size=channels),
+        "global_mean": rng.normal(size=channels),
+        "global_var": rng.uniform(0.5, 2.0, channels),
+        "dy": rng.normal(size=(40_000, channels)),
+    }
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        layer = make_layer(case, path="compiled-kernel")
+        x = torch.from_numpy(case["x"]).requires_grad_(True)
+        (dx,) = torch.autograd.grad(layer(x), (x,), torch.from_numpy(case["dy"]))
+    finally:
+        torch.set_num_threads(previous)
+    _, residuals = hbn_forward(*oracle_args(case))
+    expected = hbn_backward(case["dy"], residuals)[0]
+    np.testing.assert_allclose(dx.numpy(), expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
+
+
 @PATHS
 @pytest.mark.parametrize("shape", [(5, 3), (4, 2, 3), (3, 2, 2, 3), (2, 2, 2, 2, 2)])
 def test_gradcheck_in_float64(shape, path):
