@@ -32,6 +32,13 @@ THREAD_COUNT_VARIABLES = (
 )
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def share_the_cores_among_the_workers(environment: MutableMapping[str, str]) -> None:
     """In a pytest-xdist worker, size the frameworks' thread pools to its share of the cores.
 
@@ -45,9 +52,9 @@ def share_the_cores_among_the_workers(environment: MutableMapping[str, str]) -> 
     workers = int(environment.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers < 2:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = str(max(1, usable_cores() // workers))
     for variable in THREAD_COUNT_VARIABLES:
-        environment.setdefault(variable, str(max(1, (cores or 1) // workers)))
+        environment.setdefault(variable, threads)
 
 
 share_the_cores_among_the_workers(os.environ)
